@@ -1,0 +1,452 @@
+"""Networks used to distil and to evaluate, with the dataset-distillation definitions.
+
+These are the DC/MTT definitions (PROTOCOL.md §1.1, §1.2), not the torchvision ones: the
+ConvNet has no hidden FC and no global pooling, VGG11 and ResNet18 use instance norm by
+default, ResNet18 has a 3x3 stride-1 stem and no max-pool, AlexNet has no norm.
+
+Each registry entry is a factory ``(channels, num_classes, image_size, **overrides) -> nn.Module``;
+``create_model`` is the public way in. Two departures from the original code, both deliberate:
+
+- Nets never reseed the global RNG (the original ``get_network`` reseeds from the clock):
+  the harness seeds once per cell and each net draws from the current RNG state.
+- Feature sizes are computed from ``image_size`` instead of hard-coded for 32 px, so sizes
+  the original does not support (e.g. ResNet18 at 64 px) build instead of crashing. For
+  28x28 and 32x32 every net is the original, parameter for parameter.
+
+The "28 -> 32" treatment (first conv pads by 3, AlexNet's by 4, LeNet's by 2) is keyed on
+1-channel 28x28 input, the MNIST/FashionMNIST case; the original keys it on channel == 1
+alone, which only differs for 1-channel inputs of other sizes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dd_bench.errors import ConfigError
+from dd_bench.registry import Registry
+
+ModelFactory = Callable[..., nn.Module]
+
+MODELS: Registry[ModelFactory] = Registry("model", ("dd_bench.models",))
+register_model = MODELS.register
+
+NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
+ACTS = ("relu", "sigmoid", "leakyrelu", "swish")
+POOLS = ("avgpooling", "maxpooling", "none")
+
+
+# -- public API --------------------------------------------------------------------------
+def create_model(
+    name: str, channels: int, num_classes: int, image_size: tuple[int, int], **overrides: Any
+) -> nn.Module:
+    """Build a fresh, randomly initialised net by registered name (any case, or an alias).
+
+    Draws from the current torch RNG; unknown names raise ``UnknownNameError`` listing the
+    available ones, unknown ``overrides`` raise ``ConfigError`` naming the key.
+    """
+    factory = MODELS.get(name)
+    params = inspect.signature(factory).parameters.values()
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):  # a plugin with fixed kwargs
+        known = {p.name for p in params}
+        for key in overrides:
+            if key not in known:
+                raise ConfigError(f"model '{name}' has no option '{key}'")
+    return factory(int(channels), int(num_classes), _size2(image_size), **overrides)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a glob (case-insensitive), e.g. ``list_models("resnet*")``."""
+    return MODELS.names(pattern)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """True if any layer keeps batch statistics; DC then primes them on real data and freezes
+    them before matching (PROTOCOL §1.2, "BatchNorm during DC matching")."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+# -- building blocks ---------------------------------------------------------------------
+def _size2(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    height, width = image_size
+    return (int(height), int(width))
+
+
+def _is_28_grey(channels: int, image_size: tuple[int, int]) -> bool:
+    """MNIST-like input, which the DD nets pad up to behave like 32x32 (PROTOCOL §1.1)."""
+    return channels == 1 and tuple(image_size) == (28, 28)
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"model option {option}='{value}' is not one of: {', '.join(allowed)}")
+    return value
+
+
+def _norm2d(norm: str, channels: int, spatial: tuple[int, int]) -> nn.Module:
+    """The DC norm layers; "instancenorm" is one GroupNorm group per channel, with affine."""
+    if norm == "instancenorm":
+        return nn.GroupNorm(channels, channels, affine=True)
+    if norm == "batchnorm":
+        return nn.BatchNorm2d(channels)
+    if norm == "layernorm":
+        return nn.LayerNorm([channels, *spatial], elementwise_affine=True)
+    if norm == "groupnorm":
+        return nn.GroupNorm(4, channels, affine=True)
+    return nn.Identity()
+
+
+def _activation(act: str) -> nn.Module:
+    if act == "sigmoid":
+        return nn.Sigmoid()
+    if act == "leakyrelu":
+        return nn.LeakyReLU(negative_slope=0.01)
+    if act == "swish":
+        return nn.SiLU()  # x * sigmoid(x), DC's Swish
+    return nn.ReLU()  # not in-place: keeps double backward (DC) and torch.func (batched eval) safe
+
+
+def _check_spatial(name: str, spatial: tuple[int, int], image_size: tuple[int, int]) -> None:
+    if min(spatial) < 1:
+        raise ConfigError(f"{name} cannot take {image_size[0]}x{image_size[1]} input: the feature map shrinks to nothing")
+
+
+class _Classifier(nn.Module):
+    """Shared forward: ``embed`` gives the features the final Linear ``classifier`` sees."""
+
+    feature_dim: int
+    classifier: nn.Linear
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+# -- ConvNet (PROTOCOL §1.1) -------------------------------------------------------------
+class ConvNet(_Classifier):
+    """DC's ConvNet: ``depth`` x [Conv3x3(width) -> norm -> act -> pool], flatten, one Linear.
+
+    Defaults (width 128, depth 3, instancenorm, relu, avgpooling) give 128x4x4 = 2048 features
+    for both 32x32x3 and 28x28x1 input (the first conv pads by 3 on 28x28 grey, so 28 -> 32),
+    and 320,010 parameters for CIFAR-10 (504,420 for 100 classes). Use depth 4 at 64 px and
+    depth 5 at 128 px to end at 4x4 again.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        image_size: tuple[int, int] = (32, 32),
+        width: int = 128,
+        depth: int = 3,
+        norm: str = "instancenorm",
+        act: str = "relu",
+        pool: str = "avgpooling",
+    ):
+        super().__init__()
+        image_size = _size2(image_size)
+        if int(width) < 1 or int(depth) < 1:
+            raise ConfigError(f"ConvNet width and depth must be positive, got width={width}, depth={depth}")
+        self.width, self.depth = int(width), int(depth)
+        self.norm = _choice("norm", norm, NORMS)
+        self.act = _choice("act", act, ACTS)
+        self.pool = _choice("pool", pool, POOLS)
+        first_padding = 3 if _is_28_grey(channels, image_size) else 1
+        layers: list[nn.Module] = []
+        in_channels, (height, width_px) = channels, image_size
+        for d in range(self.depth):
+            padding = first_padding if d == 0 else 1
+            height, width_px = height + 2 * padding - 2, width_px + 2 * padding - 2
+            layers.append(nn.Conv2d(in_channels, self.width, kernel_size=3, padding=padding))
+            if self.norm != "none":  # no Identity placeholder: keeps the original state-dict layout
+                layers.append(_norm2d(self.norm, self.width, (height, width_px)))
+            layers.append(_activation(self.act))
+            if self.pool != "none":
+                layers.append(nn.MaxPool2d(2, 2) if self.pool == "maxpooling" else nn.AvgPool2d(2, 2))
+                height, width_px = height // 2, width_px // 2
+            in_channels = self.width
+        _check_spatial(f"ConvNet depth {self.depth}", (height, width_px), image_size)
+        self.features = nn.Sequential(*layers)
+        self.feature_shape = (self.width, height, width_px)
+        self.feature_dim = self.width * height * width_px
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened last feature map (DM's embedding, PROTOCOL §5)."""
+        return self.features(x).flatten(1)
+
+
+# The named ConvNet variants of DC's get_network (and MTT's D5 for 128 px): name, aliases, preset.
+_CONVNET_VARIANTS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
+    ("ConvNet", ("convnet3", "ConvNetD3", "ConvNetIN"), {}),
+    ("ConvNetBN", (), {"norm": "batchnorm"}),
+    ("ConvNetLN", (), {"norm": "layernorm"}),
+    ("ConvNetGN", (), {"norm": "groupnorm"}),
+    ("ConvNetNN", (), {"norm": "none"}),
+    ("ConvNetMP", (), {"pool": "maxpooling"}),
+    ("ConvNetNP", (), {"pool": "none"}),
+    *[(f"ConvNetD{d}", (), {"depth": d}) for d in (1, 2, 4, 5)],
+    *[(f"ConvNetW{w}", (), {"width": w}) for w in (32, 64, 128, 256)],
+    ("ConvNetAS", (), {"act": "sigmoid"}),
+    ("ConvNetAR", (), {"act": "relu"}),
+    ("ConvNetAL", (), {"act": "leakyrelu"}),
+    ("ConvNetASwish", (), {"act": "swish"}),
+    ("ConvNetASwishBN", (), {"act": "swish", "norm": "batchnorm"}),
+]
+
+
+def _build(
+    name: str,
+    cls: type[nn.Module],
+    channels: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    preset: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    options: tuple[str, ...],
+) -> nn.Module:
+    """``cls(channels, num_classes, image_size, **preset, **overrides)``; overrides must be in ``options``."""
+    for key in overrides:
+        if key not in options:
+            allowed = ", ".join(options) or "none"
+            raise ConfigError(f"model '{name}' has no option '{key}' (options: {allowed})")
+    return cls(channels, num_classes, _size2(image_size), **{**preset, **overrides})
+
+
+def _convnet_factory(name: str, preset: dict[str, Any]) -> ModelFactory:
+    def factory(channels: int, num_classes: int, image_size: tuple[int, int], **overrides: Any) -> nn.Module:
+        options = ("width", "depth", "norm", "act", "pool")
+        return _build(name, ConvNet, channels, num_classes, image_size, preset, overrides, options)
+
+    factory.__name__ = factory.__qualname__ = name  # a re-import re-registers an "equal" factory
+    factory.__doc__ = f"ConvNet with {preset or 'the defaults'} (PROTOCOL §1.1)."
+    return factory
+
+
+for _name, _aliases, _preset in _CONVNET_VARIANTS:
+    MODELS.add(_name, _convnet_factory(_name, _preset), *_aliases)
+
+
+# -- cross-architecture nets (PROTOCOL §1.2) ---------------------------------------------
+class MLP(_Classifier):
+    """flatten -> Linear(C*H*W, 128) -> ReLU -> Linear(128, 128) -> ReLU -> Linear(128, K); no norm."""
+
+    def __init__(self, channels: int, num_classes: int, image_size: tuple[int, int] = (32, 32)):
+        super().__init__()
+        height, width = _size2(image_size)
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels * height * width, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU()
+        )
+        self.feature_dim = 128
+        self.classifier = nn.Linear(128, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class LeNet(_Classifier):
+    """Conv5(6) -> ReLU -> MaxPool -> Conv5(16) -> ReLU -> MaxPool -> FC 120 -> 84 -> K; no norm.
+
+    The first conv pads by 2 on 28x28 grey input so the map is 16x5x5 = 400 as at 32 px.
+    ``embed`` is the 84-d output of the last hidden FC.
+    """
+
+    def __init__(self, channels: int, num_classes: int, image_size: tuple[int, int] = (32, 32)):
+        super().__init__()
+        image_size = _size2(image_size)
+        padding = 2 if _is_28_grey(channels, image_size) else 0
+        height, width = (((s + 2 * padding - 4) // 2 - 4) // 2 for s in image_size)
+        _check_spatial("LeNet", (height, width), image_size)
+        # fmt: off
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 6, kernel_size=5, padding=padding), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(6, 16, kernel_size=5), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Flatten(),
+            nn.Linear(16 * height * width, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+        )
+        # fmt: on
+        self.feature_dim = 84
+        self.classifier = nn.Linear(84, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class AlexNet(_Classifier):
+    """DC's AlexNet: five convs (128, 192, 256, 192, 192), three max-pools, one Linear.
+
+    No norm by default; ``norm="batchnorm"`` (AlexNetBN) adds BatchNorm2d after every conv.
+    The first conv (5x5) pads by 4 on 28x28 grey input, else 2, so both end at 192x4x4.
+    """
+
+    def __init__(self, channels: int, num_classes: int, image_size: tuple[int, int] = (32, 32), norm: str = "none"):
+        super().__init__()
+        image_size = _size2(image_size)
+        self.norm = _choice("norm", norm, ("none", "batchnorm"))
+        spec = [  # (out channels, kernel, padding, max-pool after)
+            (128, 5, 4 if _is_28_grey(channels, image_size) else 2, True),
+            (192, 5, 2, True),
+            (256, 3, 1, False),
+            (192, 3, 1, False),
+            (192, 3, 1, True),
+        ]
+        layers: list[nn.Module] = []
+        in_channels, (height, width) = channels, image_size
+        for out_channels, kernel, padding, pool in spec:
+            layers.append(nn.Conv2d(in_channels, out_channels, kernel_size=kernel, padding=padding))
+            if self.norm == "batchnorm":
+                layers.append(nn.BatchNorm2d(out_channels))
+            layers.append(nn.ReLU())
+            height, width = height + 2 * padding - kernel + 1, width + 2 * padding - kernel + 1
+            if pool:
+                layers.append(nn.MaxPool2d(2, 2))
+                height, width = height // 2, width // 2
+            in_channels = out_channels
+        _check_spatial("AlexNet", (height, width), image_size)
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = 192 * height * width
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)
+
+
+_VGG11_CFG: list[int | str] = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+
+
+class VGG11(_Classifier):
+    """VGG11 as in DC: 3x3 conv -> norm -> ReLU per entry, max-pool at "M", then Linear(512, K).
+
+    Norm is instance norm (GroupNorm(C, C)) by default, BatchNorm2d for VGG11BN. The first conv
+    pads by 3 on 28x28 grey input (28 -> 32), so five pools end at 512x1x1 in both cases. The
+    original's trailing AvgPool2d(1) is a no-op and is left out (it has no parameters).
+    """
+
+    def __init__(
+        self, channels: int, num_classes: int, image_size: tuple[int, int] = (32, 32), norm: str = "instancenorm"
+    ):
+        super().__init__()
+        image_size = _size2(image_size)
+        self.norm = _choice("norm", norm, ("instancenorm", "batchnorm"))
+        layers: list[nn.Module] = []
+        in_channels, (height, width) = channels, image_size
+        for index, entry in enumerate(_VGG11_CFG):
+            if entry == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+                height, width = height // 2, width // 2
+                continue
+            padding = 3 if index == 0 and _is_28_grey(channels, image_size) else 1
+            layers += [nn.Conv2d(in_channels, int(entry), kernel_size=3, padding=padding)]
+            layers += [_norm2d(self.norm, int(entry), (height, width)), nn.ReLU()]
+            height, width = height + 2 * padding - 2, width + 2 * padding - 2
+            in_channels = int(entry)
+        _check_spatial("VGG11", (height, width), image_size)
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = 512 * height * width
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (bias-free 3x3 convs). ``avgpool_downsample`` is DC's "_AP" block: the
+    stride-2 conv becomes stride 1 followed by AvgPool 2x2, and the shortcut is pooled too."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, norm: str, avgpool_downsample: bool):
+        super().__init__()
+        conv_stride = 1 if avgpool_downsample else stride
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=conv_stride, padding=1, bias=False)
+        self.bn1 = _norm2d(norm, planes, (0, 0))
+        self.pool = nn.AvgPool2d(2, 2) if avgpool_downsample and stride != 1 else nn.Identity()
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = _norm2d(norm, planes, (0, 0))
+        self.shortcut: nn.Module = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            shortcut: list[nn.Module] = [nn.Conv2d(in_planes, planes, 1, stride=conv_stride, bias=False)]
+            if avgpool_downsample:
+                shortcut.append(nn.AvgPool2d(2, 2))
+            self.shortcut = nn.Sequential(*shortcut, _norm2d(norm, planes, (0, 0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.pool(F.relu(self.bn1(self.conv1(x))))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(_Classifier):
+    """DC's ResNet18: 3x3 stride-1 stem, no max-pool, BasicBlock [2, 2, 2, 2] (64-512), one Linear.
+
+    Norm is instance norm (GroupNorm(C, C)) by default, BatchNorm2d for the BN variants.
+    Plain: strided convs, then avg_pool(4) -> 512 features at 28 and 32 px.
+    ``avgpool_downsample`` (ResNet18_AP): no final pooling, features 512x4x4 at 32 px and
+    512x3x3 at 28 px (28 -> 14 -> 7 -> 3), as in the original.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        image_size: tuple[int, int] = (32, 32),
+        norm: str = "instancenorm",
+        avgpool_downsample: bool = False,
+    ):
+        super().__init__()
+        image_size = _size2(image_size)
+        self.norm = _choice("norm", norm, ("instancenorm", "batchnorm"))
+        self.avgpool_downsample = bool(avgpool_downsample)
+        self.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
+        self.bn1 = _norm2d(self.norm, 64, (0, 0))
+        stages, in_planes = [], 64
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks = [BasicBlock(in_planes, planes, stride, self.norm, self.avgpool_downsample)]
+            blocks.append(BasicBlock(planes, planes, 1, self.norm, self.avgpool_downsample))
+            stages.append(nn.Sequential(*blocks))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        if self.avgpool_downsample:  # AvgPool 2x2 floors: 28 -> 14 -> 7 -> 3
+            height, width = (s // 8 for s in image_size)
+        else:  # stride-2 3x3 conv with padding 1 rounds up: 28 -> 14 -> 7 -> 4, then avg_pool(4)
+            height, width = ((-(-s // 8)) // 4 for s in image_size)
+        _check_spatial("ResNet18", (height, width), image_size)
+        self.feature_dim = 512 * height * width
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        if not self.avgpool_downsample:
+            out = F.avg_pool2d(out, 4)
+        return out.flatten(1)
+
+
+def _register_fixed(name: str, cls: type[nn.Module], preset: dict[str, Any], *aliases: str) -> None:
+    """Register a named configuration of ``cls``; these nets take no overrides."""
+
+    def factory(channels: int, num_classes: int, image_size: tuple[int, int], **overrides: Any) -> nn.Module:
+        return _build(name, cls, channels, num_classes, image_size, preset, overrides, ())
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"{cls.__name__} with {preset or 'the defaults'} (PROTOCOL §1.2)."
+    MODELS.add(name, factory, *aliases)
+
+
+_register_fixed("MLP", MLP, {})
+_register_fixed("LeNet", LeNet, {})
+_register_fixed("AlexNet", AlexNet, {})
+_register_fixed("AlexNetBN", AlexNet, {"norm": "batchnorm"})
+_register_fixed("VGG11", VGG11, {})
+_register_fixed("VGG11BN", VGG11, {"norm": "batchnorm"})
+_register_fixed("ResNet18", ResNet18, {})
+_register_fixed("ResNet18BN", ResNet18, {"norm": "batchnorm"})
+_register_fixed("ResNet18_AP", ResNet18, {"avgpool_downsample": True})
+_register_fixed("ResNet18BN_AP", ResNet18, {"norm": "batchnorm", "avgpool_downsample": True})

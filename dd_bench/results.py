@@ -1,0 +1,139 @@
+"""The result store: ``results/<suite>/results.jsonl`` plus the synthetic sets beside it.
+
+Append-only and crash-safe:
+- each record is one JSON line written with a single ``write`` on an ``O_APPEND`` descriptor,
+  then ``fsync``ed, under an exclusive ``flock`` (several Ray workers may append at once);
+- a line torn by a crash (no trailing newline) is cut off before the next append, and is
+  ignored when reading, so a killed run never leaves a corrupt record behind;
+- the newest record of a cell wins, so ``--retry-failed`` simply appends the new outcome.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+
+
+@dataclass
+class CellResult:
+    """One finished (or failed) cell: what ran, under which protocol, what it scored and cost."""
+
+    cell_id: str
+    suite: str
+    status: str  # "ok" | "failed"
+    method: str
+    label: str
+    dataset: str
+    ipc: int
+    seed: int
+    config: dict[str, Any]
+    protocol: dict[str, Any]
+    protocol_text: str = ""
+    budget: dict[str, Any] = field(default_factory=dict)
+    accuracies: list[float] = field(default_factory=list)
+    accuracy_mean: float | None = None
+    accuracy_std: float | None = None
+    eval_lr: float | None = None
+    label_type: str | None = None
+    steps: int = 0
+    prepare_seconds: float = 0.0
+    prepare_cached: bool = False
+    distill_seconds: float = 0.0
+    evaluate_seconds: float = 0.0
+    seconds_per_step: float | None = None
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)
+    memory_kind: str = ""
+    device: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+    synthetic_set: str | None = None
+    dataset_info: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    traceback: str | None = None
+    started_at: str = ""
+    finished_at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ResultStore:
+    """Reads and appends the records of one suite's results directory."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.path = self.directory / RESULTS_FILE
+
+    # -- writing ------------------------------------------------------------------------
+    def append(self, record: CellResult | dict[str, Any]) -> None:
+        data = record.to_dict() if isinstance(record, CellResult) else record
+        line = (json.dumps(data, sort_keys=True, default=str, allow_nan=False) + "\n").encode()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._cut_torn_tail(fd)
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @staticmethod
+    def _cut_torn_tail(fd: int) -> None:
+        """Drop a last line without its newline: it is a record a crash interrupted."""
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return
+        if os.pread(fd, 1, size - 1) == b"\n":
+            return
+        chunk = min(size, 1 << 20)
+        tail = os.pread(fd, chunk, size - chunk)
+        cut = tail.rfind(b"\n")
+        keep = (size - chunk + cut + 1) if cut >= 0 else 0
+        log.warning("results: dropping a torn last record (%d bytes) left by an interrupted run", size - keep)
+        os.ftruncate(fd, keep)
+
+    def set_path(self, cell_id: str) -> Path:
+        return self.directory / "sets" / f"{cell_id}.pt"
+
+    def snapshot_path(self, cell_id: str, step: int) -> Path:
+        return self.directory / "sets" / f"{cell_id}.step{step}.pt"
+
+    # -- reading ------------------------------------------------------------------------
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every complete record, oldest first (a torn or unreadable line is skipped)."""
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                if not raw.endswith(b"\n"):
+                    log.warning("results: ignoring torn line %d of %s", number, self.path)
+                    continue
+                try:
+                    yield json.loads(raw)
+                except json.JSONDecodeError:
+                    log.warning("results: ignoring unreadable line %d of %s", number, self.path)
+
+    def latest(self) -> dict[str, dict[str, Any]]:
+        """The newest record of each cell."""
+        latest: dict[str, dict[str, Any]] = {}
+        for record in self.records():
+            latest[record["cell_id"]] = record
+        return latest
+
+    def finished_ids(self) -> set[str]:
+        return {cid for cid, r in self.latest().items() if r.get("status") == "ok"}
+
+    def failed_ids(self) -> set[str]:
+        return {cid for cid, r in self.latest().items() if r.get("status") == "failed"}

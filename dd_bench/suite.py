@@ -1,0 +1,294 @@
+"""Suites: a YAML file -> a validated ``Suite`` -> a grid of ``Cell``s.
+
+Validation happens before any work: an unknown key, an unknown method or dataset, a
+non-positive IPC or a malformed budget is one ``ConfigError`` naming the field and the value.
+
+A cell is one (method, dataset, ipc, seed) point with everything resolved (the method's full
+config with paper defaults filled in, the budget, the evaluation protocol). Its id is a hash of
+that resolved config, so a re-run knows what is already done and a changed parameter is a new cell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dd_bench.errors import ConfigError
+from dd_bench.evaluate import EvalProtocol
+from dd_bench.method import METHODS, build_config, create_method
+
+SUITE_KEYS = {
+    "name", "description", "executor", "device", "data", "datasets", "ipc", "seeds", "budget",
+    "protocol", "methods", "ray", "report",
+}
+METHOD_KEYS = {"name", "label", "params", "ipc"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much distillation each cell gets: ``steps`` and/or ``seconds`` (whichever ends first).
+
+    One step is one update of the synthetic data (DESIGN.md). ``snapshot_every`` takes a copy of
+    the synthetic set every so many steps, evaluated after distillation for accuracy-vs-steps
+    curves and time-to-accuracy; its cost is excluded from the distillation time.
+    """
+
+    steps: int | None = None
+    seconds: float | None = None
+    snapshot_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.seconds is None:
+            raise ConfigError("budget: give steps or seconds (or both)")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0):
+            raise ConfigError(f"budget.steps: invalid value {self.steps!r} (expected an integer >= 0)")
+        if self.seconds is not None and not self.seconds > 0:
+            raise ConfigError(f"budget.seconds: invalid value {self.seconds!r} (expected > 0)")
+        if self.snapshot_every is not None and (not isinstance(self.snapshot_every, int) or self.snapshot_every < 1):
+            raise ConfigError(f"budget.snapshot_every: invalid value {self.snapshot_every!r} (expected an integer >= 1)")
+
+    def describe(self) -> str:
+        parts = []
+        if self.steps is not None:
+            parts.append(f"{self.steps} steps")
+        if self.seconds is not None:
+            parts.append(f"{self.seconds:g} s")
+        return " or ".join(parts)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data"
+    download: bool = False
+    zca: bool = False
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Ray Tune execution: resources per cell and how many cells run at once."""
+
+    address: str | None = None
+    cpus_per_cell: float = 1.0
+    gpus_per_cell: float = 0.0
+    max_concurrent: int | None = None
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    speedup_vs: str | None = None
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    label: str
+    params: dict[str, Any]
+    ipc: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work. Everything that can change its result is in ``resolved()``."""
+
+    suite: str
+    method: str
+    label: str
+    params: dict[str, Any]
+    dataset: str
+    ipc: int
+    seed: int
+    budget: Budget
+    protocol: EvalProtocol
+    data: DataConfig
+
+    def resolved(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "params": self.params,
+            "dataset": self.dataset,
+            "ipc": self.ipc,
+            "seed": self.seed,
+            "budget": asdict(self.budget),
+            "protocol": self.protocol.to_dict(),
+            "zca": self.data.zca,
+        }
+
+    @property
+    def cell_id(self) -> str:
+        blob = json.dumps(self.resolved(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        return f"{self.label} {self.dataset} ipc={self.ipc} seed={self.seed}"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    executor: Literal["local", "ray"]
+    device: str
+    data: DataConfig
+    datasets: tuple[str, ...]
+    ipc: tuple[int, ...]
+    seeds: tuple[int, ...]
+    budget: Budget
+    protocol: EvalProtocol
+    methods: tuple[MethodEntry, ...]
+    ray: RayConfig = field(default_factory=RayConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    path: str | None = None
+
+    def cells(self) -> list[Cell]:
+        """The grid method × dataset × ipc × seed, in a stable order."""
+        cells = []
+        for entry in self.methods:
+            method = create_method(entry.name, entry.params)
+            params = _jsonable(asdict(method.config))
+            for dataset in self.datasets:
+                for ipc in entry.ipc or self.ipc:
+                    for seed in self.seeds:
+                        cells.append(
+                            Cell(self.name, METHODS.canonical(entry.name), entry.label, params, dataset, ipc, seed,
+                                 self.budget, self.protocol, self.data)
+                        )
+        return cells
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file; any problem is a one-line ``ConfigError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"suite: file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"suite {path}: invalid YAML{where}: {problem}") from None
+    return parse_suite(raw, default_name=path.stem, path=str(path))
+
+
+def parse_suite(raw: Any, default_name: str = "suite", path: str | None = None) -> Suite:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"suite: expected a mapping at the top level, got {type(raw).__name__}")
+    _reject_unknown(raw, SUITE_KEYS, "suite")
+    name = raw.get("name", default_name)
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ConfigError(f"name: invalid value {name!r} (expected a non-empty string without '/')")
+    executor = raw.get("executor", "local")
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"executor: invalid value {executor!r} (expected 'local' or 'ray')")
+    device = raw.get("device", "auto")
+    if not isinstance(device, str) or not (device in ("auto", "cpu") or device.startswith("cuda")):
+        raise ConfigError(f"device: invalid value {device!r} (expected auto, cpu or cuda[:N])")
+
+    datasets = tuple(_names(raw.get("datasets"), "datasets"))
+    from dd_bench.data import DATASETS
+
+    for i, dataset in enumerate(datasets):
+        if dataset not in DATASETS:
+            raise ConfigError(f"datasets[{i}]: unknown dataset {dataset!r}. Available: {', '.join(DATASETS.names())}")
+    datasets = tuple(DATASETS.canonical(d) for d in datasets)
+
+    ipcs = _positive_ints(raw.get("ipc"), "ipc")
+    seeds = _ints(raw.get("seeds", [0]), "seeds")
+    budget = _section(Budget, raw.get("budget"), "budget", required=True)
+    protocol = _section(EvalProtocol, raw.get("protocol", {}), "protocol")
+    from dd_bench.models import MODELS
+
+    if protocol.model not in MODELS:
+        raise ConfigError(f"protocol.model: unknown model {protocol.model!r}. Available: {', '.join(MODELS.names())}")
+    data = _section(DataConfig, raw.get("data", {}), "data")
+    ray = _section(RayConfig, raw.get("ray", {}), "ray")
+    report = _section(ReportConfig, raw.get("report", {}), "report")
+    methods = _methods(raw.get("methods"), ipcs)
+    if report.speedup_vs is not None and report.speedup_vs not in {m.label for m in methods}:
+        raise ConfigError(f"report.speedup_vs: {report.speedup_vs!r} is not a method label of this suite")
+
+    suite = Suite(name, str(raw.get("description", "")), executor, device, data, datasets, ipcs, seeds, budget,
+                  protocol, methods, ray, report, path)
+    suite.cells()  # builds every method config once, so a bad parameter fails here, before any work
+    return suite
+
+
+def _methods(raw: Any, suite_ipcs: tuple[int, ...]) -> tuple[MethodEntry, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"methods: expected a non-empty list, got {raw!r}")
+    entries, labels = [], set()
+    for i, item in enumerate(raw):
+        where = f"methods[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"{where}: expected a method name or a mapping with 'name', got {item!r}")
+        _reject_unknown(item, METHOD_KEYS, where)
+        name = item["name"]
+        if not isinstance(name, str) or name not in METHODS:
+            raise ConfigError(f"{where}.name: unknown method {name!r}. Available: {', '.join(METHODS.names())}")
+        label = item.get("label", METHODS.canonical(name))
+        if label in labels:
+            raise ConfigError(f"{where}.label: duplicate label {label!r}; give each entry its own label")
+        labels.add(label)
+        params = item.get("params") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}.params: expected a mapping, got {params!r}")
+        build_config(METHODS.get(name).Config, params, f"{where}.params")
+        ipc = _positive_ints(item["ipc"], f"{where}.ipc") if "ipc" in item else None
+        entries.append(MethodEntry(name, label, params, ipc))
+    return tuple(entries)
+
+
+def _section(config_type: type, raw: Any, where: str, required: bool = False) -> Any:
+    if raw is None:
+        if required:
+            raise ConfigError(f"{where}: missing (required)")
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    return build_config(config_type, raw, where)
+
+
+def _reject_unknown(mapping: dict, known: set[str], where: str) -> None:
+    for key in mapping:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (value {mapping[key]!r}); known keys: {', '.join(sorted(known))}")
+
+
+def _names(raw: Any, where: str) -> list[str]:
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw or not all(isinstance(v, str) for v in raw):
+        raise ConfigError(f"{where}: expected a non-empty list of names, got {raw!r}")
+    return raw
+
+
+def _ints(raw: Any, where: str) -> tuple[int, ...]:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: expected a non-empty list of integers, got {raw!r}")
+    for i, value in enumerate(raw):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}[{i}]: invalid value {value!r} (expected an integer)")
+    return tuple(raw)
+
+
+def _positive_ints(raw: Any, where: str) -> tuple[int, ...]:
+    values = _ints(raw, where)
+    for i, value in enumerate(values):
+        if value <= 0:
+            raise ConfigError(f"{where}[{i}]: invalid value {value!r} (expected an integer >= 1)")
+    return values
+
+
+def _jsonable(value: Any) -> Any:
+    """Configs as plain JSON values (tuples become lists) so the cell hash is stable."""
+    return json.loads(json.dumps(value, default=str))
+
