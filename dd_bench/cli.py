@@ -56,8 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("what", choices=["methods", "datasets", "models"])
     listing.set_defaults(handler=_cmd_list)
 
-    report = commands.add_parser("report", help="render tables for a results directory")
+    report = commands.add_parser("report", help="write tables, plots and image grids for a results directory")
     report.add_argument("directory", type=Path, help="results/<suite>")
+    report.add_argument("--speedup-vs", metavar="LABEL", default=None,
+                        help="reference method for speedup and time-to-accuracy (default: report.speedup_vs)")
+    report.add_argument("--suite", type=Path, default=None, help="suite YAML to read report.speedup_vs from")
+    report.add_argument("--interpolate", action="store_true",
+                        help="time-to-accuracy interpolated between snapshots (default: first snapshot reaching it)")
+    report.add_argument("--data-root", type=Path, default=Path("data"), help="dataset root, to undo ZCA in grids")
+    report.add_argument("--no-plots", action="store_true", help="skip plots/")
+    report.add_argument("--no-grids", action="store_true", help="skip grids/")
     report.set_defaults(handler=_cmd_report)
     return parser
 
@@ -86,14 +94,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         log.info("suite '%s': ran %d cell(s), skipped %d already finished; %d failed", suite.name, len(outcome.ran),
                  outcome.skipped_finished, len(outcome.failed))
-    _print_summary(results_dir)
+    _print_summary(results_dir, speedup_vs=suite.report.speedup_vs)
     return EXIT_CELLS_FAILED if outcome.failed or outcome.skipped_failed else EXIT_OK
 
 
-def _print_summary(results_dir: Path) -> None:
-    from dd_bench.report import summary
+def _print_summary(results_dir: Path, speedup_vs: str | None = None) -> None:
+    """End of a run: print the tables and write the report files; a report problem never fails the run."""
+    from dd_bench.report import summary, write_report
 
-    print(summary(results_dir))
+    try:
+        print(summary(results_dir, speedup_vs))
+        written = write_report(results_dir, speedup_vs)
+        print(f"report: {len(written)} files written under {results_dir}")
+    except Exception as error:  # the cells are stored already; `dd-bench report` can redo this
+        log.error("report: could not write the report for %s: %s", results_dir, error,
+                  exc_info=not isinstance(error, DDBenchError))
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -114,11 +129,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from dd_bench.errors import ConfigError
+    from dd_bench.report import speedup_vs_from_suite, summary, write_report
     from dd_bench.results import ResultStore
 
     if not ResultStore(args.directory).path.exists():
         raise ConfigError(f"directory: no results.jsonl in {args.directory}")
-    _print_summary(args.directory)
+    speedup_vs = args.speedup_vs or (speedup_vs_from_suite(args.suite) if args.suite else None)
+    written = write_report(args.directory, speedup_vs, plots=not args.no_plots, grids=not args.no_grids,
+                           data_root=args.data_root, interpolate=args.interpolate)
+    print(summary(args.directory, speedup_vs))
+    print(f"report: {len(written)} files written under {args.directory}")
     return EXIT_OK
 
 

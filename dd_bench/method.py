@@ -116,12 +116,14 @@ class Method(ABC):
     """Base class of every method. Subclasses set ``Config`` to a dataclass of paper defaults.
 
     ``iterative = False`` marks selection baselines: the harness takes no steps for them.
+    ``save_set = False`` skips writing the set to the results (e.g. the whole training set).
     ``paper_eval_augment`` is the evaluation augmentation the method's paper used
     ("dsa" or "none"); a protocol with ``augment: auto`` follows it.
     """
 
     Config: ClassVar[type] = NoConfig
     iterative: ClassVar[bool] = True
+    save_set: ClassVar[bool] = True  # False for references such as the whole training set
     paper_eval_augment: ClassVar[str] = "none"
     registry_name: ClassVar[str] = ""
 

@@ -1,46 +1,102 @@
-"""Tables from the result store. Reads records; never recomputes a result.
+"""Tables from the result store (Markdown, LaTeX, CSV); ``write_report`` also draws plots and grids.
 
-Accuracy cells are ``mean ± std`` over every evaluation run of every seed of a
-(dataset, ipc, method) group, as the papers pool their 5 sets × 20 nets.
+Reads records; never recomputes a result, only aggregates what the records hold:
+- an accuracy cell is mean ± std (population std, as the papers report) over every evaluation
+  run of every seed of a (eval protocol, dataset, ipc, method) group, as the papers pool their
+  5 sets × 20 nets;
+- records are grouped by evaluation protocol (the protocol minus the augmentation, which each
+  method resolves to its paper's); several eval architectures give one table each;
+- "random" and "full" are reference columns: shown, never bolded; "full" ignores ipc, so its
+  cells pool every record of the dataset.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 
+from dd_bench.errors import ConfigError
 from dd_bench.results import ResultStore
 
 log = logging.getLogger(__name__)
 
-FAILED = "failed"
-MISSING = "–"
+REFERENCE_METHODS = ("random", "full")
+IPC_FREE_METHODS = ("full",)
+PER_METHOD_PROTOCOL = ("augment", "dsa_strategy")  # resolved per method; not part of the table key
+FAILED, MISSING, PARTIAL, OK = "failed", "missing", "partial", "ok"
+NOT_REACHED = "not reached"
+SETTINGS_FILE = "report.json"
+EPS = 1e-9
 
 
+# -- reading --------------------------------------------------------------------------------
 def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """One row per cell record, with the columns tables and plots need."""
     rows = []
     for r in records:
+        protocol, peaks = r.get("protocol") or {}, r.get("peak_memory_mb") or {}
         rows.append({
             "cell_id": r["cell_id"], "status": r["status"], "method": r["method"], "label": r["label"],
-            "dataset": r["dataset"], "ipc": r["ipc"], "seed": r["seed"], "accuracies": r.get("accuracies") or [],
-            "accuracy_mean": r.get("accuracy_mean"), "accuracy_std": r.get("accuracy_std"),
-            "steps": r.get("steps", 0), "prepare_seconds": r.get("prepare_seconds", 0.0),
-            "distill_seconds": r.get("distill_seconds", 0.0), "evaluate_seconds": r.get("evaluate_seconds", 0.0),
-            "seconds_per_step": r.get("seconds_per_step"), "peak_memory_mb": max((r.get("peak_memory_mb") or {}).values(), default=None),
-            "device": r.get("device", ""), "protocol_text": r.get("protocol_text", ""), "error": r.get("error"),
+            "finished_at": r.get("finished_at") or "",
+            "dataset": r["dataset"], "ipc": int(r["ipc"]), "seed": int(r["seed"]),
+            "accuracies": _finite(r.get("accuracies")), "steps": int(r.get("steps") or 0),
+            "prepare_seconds": _num(r.get("prepare_seconds")),
+            "distill_seconds": _num(r.get("distill_seconds")), "evaluate_seconds": _num(r.get("evaluate_seconds")),
+            "seconds_per_step": _num(r.get("seconds_per_step")), "peak_prepare_mb": _num(peaks.get("prepare")),
+            "peak_distill_mb": _num(peaks.get("distill")), "peak_evaluate_mb": _num(peaks.get("evaluate")),
+            "memory_kind": r.get("memory_kind", ""), "device": r.get("device", ""), "protocol": protocol,
             "label_type": r.get("label_type"),
+            "eval_key": json.dumps({k: v for k, v in protocol.items() if k not in PER_METHOD_PROTOCOL}, sort_keys=True),
+            "budget": r.get("budget") or {}, "snapshots": r.get("snapshots") or [],
+            "synthetic_set": r.get("synthetic_set"), "dataset_info": r.get("dataset_info") or {},
+            "error": r.get("error"),
         })
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    frame["group"] = _group_names(frame)
+    # A changed method config is a new cell; its older records would otherwise be pooled with it.
+    newest = frame.sort_values("finished_at", kind="stable").duplicated(
+        ["group", "dataset", "ipc", "label", "seed"], keep="last").sort_index()
+    if newest.any():
+        log.warning("report: %d superseded record(s) left out (same method, dataset, ipc, seed and eval "
+                    "protocol as a newer record): %s", int(newest.sum()), ", ".join(frame["cell_id"][newest]))
+    return frame[~newest].reset_index(drop=True)
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _finite(values: Any) -> list[float]:
+    """Accuracies as stored; a non-finite one was stored as null and is left out."""
+    return [float(v) for v in values or [] if v is not None]
+
+
+def _group_names(frame: pd.DataFrame) -> pd.Series:
+    keys = list(dict.fromkeys(frame["eval_key"]))
+    models = [json.loads(k).get("model", "?") for k in keys]
+    unique = len(set(models)) == len(models)
+    names = {k: m if unique else f"{m} (protocol {i + 1})" for i, (k, m) in enumerate(zip(keys, models))}
+    return frame["eval_key"].map(names)
 
 
 def store_frame(directory: str | Path) -> pd.DataFrame:
     return records_frame(ResultStore(directory).latest().values())
+
+
+def method_order(frame: pd.DataFrame) -> list[str]:
+    """Labels in suite order, with the random-real column first and the full-data column last."""
+    methods = dict(zip(frame["label"], frame["method"]))
+    labels = list(dict.fromkeys(frame["label"]))
+    rank = {"random": 0, "full": 2}
+    return sorted(labels, key=lambda lab: (rank.get(methods[lab], 1), labels.index(lab)))
 
 
 def pooled(accuracy_lists: Iterable[list[float]]) -> tuple[float, float, int]:
@@ -50,86 +106,396 @@ def pooled(accuracy_lists: Iterable[list[float]]) -> tuple[float, float, int]:
     return float(np.mean(values)), float(np.std(values)), len(values)
 
 
-def accuracy_table(frame: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFrame:
-    """Rows (dataset, ipc), columns method labels, cells ``mean ± std`` (failed / missing shown as such)."""
-    if frame.empty:
-        return pd.DataFrame()
-    methods = methods or list(dict.fromkeys(frame["label"]))
+# -- accuracy -------------------------------------------------------------------------------
+def accuracy_cells(frame: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
+    """Long form: one row per (group, dataset, ipc, method) with status, mean, std, n, best."""
+    out = []
+    labels = method_order(frame)
+    methods = dict(zip(frame["label"], frame["method"]))
+    for (group, dataset), data in frame.groupby(["group", "dataset"], sort=False):
+        expected = data["seed"].nunique()
+        present = [lab for lab in labels if lab in set(data["label"])]
+        for ipc in sorted(data["ipc"].unique()):
+            for label in present:
+                ipc_free = methods[label] in IPC_FREE_METHODS
+                cells = data[(data["label"] == label) & (ipc_free | (data["ipc"] == ipc))]
+                ok = cells[cells["status"] == OK]
+                mean, std, n = pooled(ok["accuracies"])
+                seeds = ok["seed"].nunique()
+                status = (MISSING if cells.empty else FAILED if ok.empty
+                          else PARTIAL if seeds < expected and not ipc_free else OK)
+                out.append({"group": group, "dataset": dataset, "ipc": int(ipc), "method": label,
+                            "method_name": methods[label], "reference": methods[label] in REFERENCE_METHODS,
+                            "status": status, "mean": mean, "std": std, "n_runs": n, "n_seeds": seeds,
+                            "seeds_expected": expected})
+    cells = pd.DataFrame(out)
+    cells["best"] = False
+    for _, row in cells.groupby(["group", "dataset", "ipc"], sort=False):
+        scored = row[~row["reference"] & row["status"].isin([OK, PARTIAL])]
+        if not scored.empty:
+            top = scored["mean"].round(digits).max()
+            cells.loc[scored.index[scored["mean"].round(digits) == top], "best"] = True
+    return cells
+
+
+def cell_text(cell: Any, digits: int = 1) -> str:
+    """``mean ± std``, or why there is no number."""
+    if cell.status in (MISSING, FAILED):
+        return cell.status
+    text = f"{cell.mean:.{digits}f} ± {cell.std:.{digits}f}"
+    return text + (f" ({cell.n_seeds}/{cell.seeds_expected} seeds)" if cell.status == PARTIAL else "")
+
+
+def accuracy_wide(cells: pd.DataFrame, group: str, render: Any) -> pd.DataFrame:
+    """Rows (dataset, ipc), columns methods; ``render(cell) -> str`` makes each entry."""
+    part = cells[cells["group"] == group]
+    texts = part.assign(text=[render(c) for c in part.itertuples()])
+    wide = texts.pivot(index=["dataset", "ipc"], columns="method", values="text")
+    wide = wide.reindex(index=pd.MultiIndex.from_frame(part[["dataset", "ipc"]].drop_duplicates()),
+                        columns=list(dict.fromkeys(part["method"])))
+    return wide.rename_axis(index=["dataset", "IPC"], columns=None)
+
+
+# -- cost, speedup, time to accuracy --------------------------------------------------------
+def curve_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy over distillation: snapshots and final sets, pooled over seeds at each step."""
+    points = []
+    for r in frame[frame["status"] == OK].itertuples():
+        for snap in r.snapshots:
+            points.append((r.group, r.dataset, r.ipc, r.label, snap["step"], _num(snap.get("distill_seconds")),
+                           _finite(snap.get("accuracies")), False))
+        points.append((r.group, r.dataset, r.ipc, r.label, r.steps, r.distill_seconds, r.accuracies, True))
+    raw = pd.DataFrame(points, columns=["group", "dataset", "ipc", "method", "step", "distill_seconds",
+                                        "accuracies", "final"])
+    rows = []
+    for key, g in raw.groupby(["group", "dataset", "ipc", "method", "step"], sort=False):
+        mean, std, n = pooled(g["accuracies"])
+        rows.append((*key, float(g["distill_seconds"].mean()), mean, std, n, bool(g["final"].all())))
+    columns = ["group", "dataset", "ipc", "method", "step", "distill_seconds", "mean", "std", "n_runs", "final"]
+    return pd.DataFrame(rows, columns=columns).sort_values(columns[:5])
+
+
+def time_to_accuracy(points: pd.DataFrame, target: float, interpolate: bool = False) -> tuple[float, int] | None:
+    """Distillation seconds (and step) at which the mean accuracy first reaches ``target``.
+
+    Without ``interpolate`` it is the first evaluated point (snapshot or final set) reaching it;
+    with it, linear interpolation between that point and the one before. None when never reached.
+    """
+    previous = None
+    for point in points.sort_values("step").itertuples():
+        if point.mean >= target - EPS:
+            if interpolate and previous is not None and point.mean > previous.mean:
+                share = (target - previous.mean) / (point.mean - previous.mean)
+                return previous.distill_seconds + share * (point.distill_seconds - previous.distill_seconds), point.step
+            return float(point.distill_seconds), int(point.step)
+        previous = point
+    return None
+
+
+def cost_frame(frame: pd.DataFrame, cells: pd.DataFrame, speedup_vs: str | None = None,
+               interpolate: bool = False) -> pd.DataFrame:
+    """One row per (group, dataset, ipc, method): phase times, memory, device, speedup, time to accuracy."""
+    order = {label: i for i, label in enumerate(method_order(frame))}
+    curves = curve_frame(frame)
+    rows = []
+    for (group, dataset, ipc, label), g in frame.groupby(["group", "dataset", "ipc", "label"], sort=False):
+        ok = g[g["status"] == OK]
+        rows.append({
+            "group": group, "dataset": dataset, "ipc": ipc, "method": label,
+            "status": OK if len(ok) == len(g) else FAILED if ok.empty else PARTIAL, "seeds": len(ok),
+            "steps": ok["steps"].mean(), "prepare_seconds": ok["prepare_seconds"].max(),
+            "distill_seconds": ok["distill_seconds"].mean(), "seconds_per_step": ok["seconds_per_step"].mean(),
+            "evaluate_seconds": ok["evaluate_seconds"].mean(), "peak_prepare_mb": ok["peak_prepare_mb"].max(),
+            "peak_distill_mb": ok["peak_distill_mb"].max(), "peak_evaluate_mb": ok["peak_evaluate_mb"].max(),
+            "memory_kind": ", ".join(dict.fromkeys(ok["memory_kind"])),
+            "device": ", ".join(dict.fromkeys(ok["device"])),
+        })
+    cost = pd.DataFrame(rows)
+    cost = cost.assign(_o=cost["method"].map(order)).sort_values(["group", "dataset", "ipc", "_o"], kind="stable")
+    cost = cost.drop(columns="_o").reset_index(drop=True)
+    if speedup_vs is None:
+        return cost
+    keys = ["group", "dataset", "ipc"]
+    ref = cost[cost["method"] == speedup_vs][keys + ["distill_seconds", "prepare_seconds"]]
+    target = cells[(cells["method"] == speedup_vs) & cells["status"].isin([OK, PARTIAL])][keys + ["mean"]]
+    ref = ref.rename(columns={"distill_seconds": "_ref_d", "prepare_seconds": "_ref_p"})
+    cost = cost.merge(ref, on=keys, how="left")
+    cost = cost.merge(target.rename(columns={"mean": "tta_target"}), on=keys, how="left")
+    positive = lambda x: x.where(x > 0)  # noqa: E731 -- no speedup from a zero or unknown time
+    cost["speedup"] = cost["_ref_d"] / positive(cost["distill_seconds"])
+    cost["speedup_incl_prepare"] = ((cost["_ref_d"] + cost["_ref_p"])
+                                    / positive(cost["distill_seconds"] + cost["prepare_seconds"]))
+    points = {key: g for key, g in curves.groupby(keys + ["method"])}
+    reached = [time_to_accuracy(points[key], t, interpolate) if t == t and key in points else None
+               for key, t in zip(zip(cost["group"], cost["dataset"], cost["ipc"], cost["method"]), cost["tta_target"])]
+    cost["tta_seconds"] = [r[0] if r else np.nan for r in reached]
+    cost["tta_step"] = [r[1] if r else np.nan for r in reached]
+    cost["tta_reached"] = [np.nan if t != t else r is not None for r, t in zip(reached, cost["tta_target"])]
+    return cost.drop(columns=["_ref_d", "_ref_p"])
+
+
+# -- protocol and notes ---------------------------------------------------------------------
+def protocol_line(frame: pd.DataFrame) -> str:
+    """Eval arch, epochs, optimiser, augmentation, label type, runs, seeds, budget and device in one line;
+    a field that differs between methods lists each value with its methods."""
+    ok = frame[frame["status"] == OK]
+    values: dict[str, dict[str, list[str]]] = {}
+    for r in (ok if not ok.empty else frame).itertuples():
+        for name, value in _protocol_fields(r).items():
+            labels = values.setdefault(name, {}).setdefault(value, [])
+            labels += [] if r.label in labels else [r.label]
+    parts = [f"{name}: " + (next(iter(by)) if len(by) == 1 else
+                            "; ".join(f"{v} [{', '.join(ls)}]" for v, ls in by.items()))
+             for name, by in values.items()]
+    seeds = sorted(frame["seed"].unique())
+    parts.insert(6, f"seeds: {len(seeds)} ({', '.join(map(str, seeds))}), runs and seeds pooled")
+    return "Protocol: " + " | ".join(parts)
+
+
+def _protocol_fields(r: Any) -> dict[str, str]:
+    p = r.protocol
+    return {"eval": str(p.get("model", "?")), "epochs": str(p.get("epochs", "?")),
+            "optimiser": f"SGD lr {p.get('lr', '?')}{' (or learned)' if p.get('use_learned_lr') else ''}, "
+                         f"mom {p.get('momentum', '?')}, wd {p.get('weight_decay', '?')}, "
+                         f"batch {p.get('batch_size', '?')}",
+            "aug": f"DSA({p.get('dsa_strategy')})" if p.get("augment") == "dsa" else str(p.get("augment", "?")),
+            "labels": r.label_type or "?", "runs per set": str(p.get("runs", "?")), "budget": budget_text(r.budget),
+            "device": r.device or "?"}
+
+
+def budget_text(budget: dict[str, Any]) -> str:
+    parts = [f"{budget['steps']} steps"] if budget.get("steps") is not None else []
+    parts += [f"{budget['seconds']:g} s"] if budget.get("seconds") is not None else []
+    return " or ".join(parts) or "?"
+
+
+def failure_lines(frame: pd.DataFrame) -> list[str]:
+    failed = frame[frame["status"] == FAILED]
+    return [f"FAILED {r.label} {r.dataset} ipc={r.ipc} seed={r.seed} [{r.group}]: {r.error}"
+            for r in failed.itertuples()]
+
+
+# -- the report -----------------------------------------------------------------------------
+@dataclass
+class Report:
+    """Everything the renderers and plots need, aggregated once from the store."""
+
+    directory: Path
+    frame: pd.DataFrame
+    cells: pd.DataFrame
+    cost: pd.DataFrame
+    curves: pd.DataFrame
+    speedup_vs: str | None
+    interpolate: bool
+
+    @property
+    def groups(self) -> list[str]:
+        return list(dict.fromkeys(self.frame["group"]))
+
+
+# -- rendering -------------------------------------------------------------------------------
+def _accuracy_notes(report: Report, group: str) -> list[str]:
+    cells = report.cells[report.cells["group"] == group]
+    refs = list(dict.fromkeys(cells[cells["reference"]]["method"]))
+    return [f"Accuracy (%) on the real test set, eval {group}: mean ± std over all evaluation runs of all seeds "
+            "(runs and seeds pooled, population std). Best method per row in bold"
+            + (f" (reference columns {', '.join(refs)} excluded)" if refs else "") + ". "
+            "'failed': every seed failed; 'missing': no record; '(k/m seeds)': only k of m seeds finished.",
+            protocol_line(report.frame[report.frame["group"] == group])]
+
+
+def _cost_notes(report: Report, group: str) -> list[str]:
+    frame = report.frame[report.frame["group"] == group]
+    kinds = ", ".join(k for k in dict.fromkeys(frame["memory_kind"]) if k) or "?"
+    notes = [f"Cost per cell, eval {group}: means over finished seeds; prepare = one-off build (max over seeds; "
+             f"cached builds report 0); peak memory per phase prepare/distill/evaluate in MiB ({kinds})."]
+    if report.speedup_vs is None:
+        notes.append("No speedup reference: pass --speedup-vs LABEL or set report.speedup_vs in the suite.")
+    else:
+        how = ("linear interpolation between snapshots" if report.interpolate
+               else "first evaluated snapshot or final set reaching it, not interpolated")
+        notes.append(f"Speedup = distillation seconds of {report.speedup_vs} ÷ the method's, same dataset and IPC "
+                     f"(in brackets: including preparation). Time to acc. = distillation seconds until the seed-pooled "
+                     f"mean accuracy reaches {report.speedup_vs}'s final accuracy in that row ({how}); "
+                     f"'{NOT_REACHED}' when it never does.")
+    return notes + [protocol_line(frame)]
+
+
+def _seconds(x: float) -> str:
+    return "–" if x != x else f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.3g}"
+
+
+def _mib(x: float) -> str:
+    return "–" if x != x else f"{x:.0f}"
+
+
+def cost_display(report: Report, group: str) -> pd.DataFrame:
+    """The cost table of one eval group as strings, rows (dataset, ipc, method)."""
     rows = {}
-    for (dataset, ipc), group in frame.groupby(["dataset", "ipc"], sort=True):
-        row = {}
-        for method in methods:
-            cells = group[group["label"] == method]
-            ok = cells[cells["status"] == "ok"]
-            if not ok.empty:
-                mean, std, _ = pooled(ok["accuracies"])
-                row[method] = f"{mean:.1f} ± {std:.1f}"
-            elif not cells.empty:
-                row[method] = FAILED
-            else:
-                row[method] = MISSING
-        rows[(dataset, int(ipc))] = row
+    for c in report.cost[report.cost["group"] == group].itertuples():
+        done = c.status != FAILED
+        row = {"status": c.status if c.status != PARTIAL else f"{c.seeds} seeds ok, others failed",
+               "seeds": c.seeds, "steps": f"{c.steps:.0f}" if done else "–", "prepare s": _seconds(c.prepare_seconds),
+               "distill s": _seconds(c.distill_seconds), "s/step": _seconds(c.seconds_per_step),
+               "evaluate s": _seconds(c.evaluate_seconds),
+               "peak MiB p/d/e": "/".join(_mib(m) for m in (c.peak_prepare_mb, c.peak_distill_mb, c.peak_evaluate_mb)),
+               "device": c.device or "–"}
+        if report.speedup_vs is not None:
+            row[f"speedup vs {report.speedup_vs}"] = "–" if c.speedup != c.speedup else (
+                f"{c.speedup:.3g}× ({c.speedup_incl_prepare:.3g}×)")
+            row[f"time to {report.speedup_vs} acc."] = ("–" if not done or c.tta_target != c.tta_target
+                                                          else NOT_REACHED if not c.tta_reached
+                                                          else f"{_seconds(c.tta_seconds)} s (step {c.tta_step:.0f})")
+        rows[(c.dataset, c.ipc, c.method)] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
-    table.index = pd.MultiIndex.from_tuples(table.index, names=["dataset", "ipc"])
-    return table[methods]
+    return table.rename_axis(["dataset", "IPC", "method"])
 
 
-def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per method label: mean phase times, steps, seconds per step, peak memory, device."""
-    ok = frame[frame["status"] == "ok"]
-    if ok.empty:
-        return pd.DataFrame()
-    grouped = ok.groupby("label", sort=False)
-    table = pd.DataFrame({
-        "cells": grouped.size(),
-        "steps": grouped["steps"].mean().round(0).astype(int),
-        "prepare s": grouped["prepare_seconds"].mean(),
-        "distill s": grouped["distill_seconds"].mean(),
-        "s/step": grouped["seconds_per_step"].mean(),
-        "evaluate s": grouped["evaluate_seconds"].mean(),
-        "peak MiB": grouped["peak_memory_mb"].max(),
-        "device": grouped["device"].first(),
-    })
-    return table
-
-
-def markdown(table: pd.DataFrame, float_format: str = "{:.3g}") -> str:
+def markdown(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (no extra dependency such as tabulate)."""
-    if table.empty:
-        return "(no results)"
-    index_names = [n or "" for n in (table.index.names if table.index.nlevels > 1 else [table.index.name])]
-    header = index_names + [str(c) for c in table.columns]
+    header = [str(n) for n in table.index.names] + [str(c) for c in table.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for key, row in table.iterrows():
         keys = list(key) if isinstance(key, tuple) else [key]
-        cells = [_fmt(v, float_format) for v in keys] + [_fmt(v, float_format) for v in row.tolist()]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(str(v) for v in keys + row.tolist()) + " |")
     return "\n".join(lines)
 
 
-def _fmt(value: Any, float_format: str) -> str:
-    if isinstance(value, float):
-        return "" if np.isnan(value) else float_format.format(value)
-    return str(value)
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "×": r"$\times$",
+        "÷": r"$\div$", "–": "--"}
 
 
-def protocol_lines(frame: pd.DataFrame) -> list[str]:
-    ok = frame[frame["status"] == "ok"]
-    lines = []
-    for text, group in ok.groupby("protocol_text", sort=False):
-        lines.append(f"Protocol: {text} [{', '.join(dict.fromkeys(group['label']))}]")
-    return lines
+def tex_escape(text: Any) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
 
 
-def summary(directory: str | Path) -> str:
-    """The text printed at the end of a run: accuracy table, cost table, protocol, failures."""
+def latex(table: pd.DataFrame, caption: str, notes: list[str], bold: pd.DataFrame | None = None) -> str:
+    """A booktabs table (pandas Styler) with the notes, protocol included, set under it."""
+    flat = table.reset_index()
+    first = flat.columns[0]
+    flat[first] = flat[first].where(flat[first].ne(flat[first].shift()), "")  # dataset once per block
+    flat = flat.map(tex_escape)
+    flat.columns = [tex_escape(c) for c in flat.columns]
+    styler = flat.style.hide(axis="index")
+    if bold is not None:
+        mask = pd.DataFrame(False, index=flat.index, columns=flat.columns)
+        mask.iloc[:, table.index.nlevels:] = bold.to_numpy(dtype=bool)
+        styler = styler.apply(lambda _: np.where(mask, "textbf:--rwrap;", ""), axis=None)
+    tabular = styler.to_latex(hrules=True, column_format="l" * table.index.nlevels + "r" * table.shape[1])
+    notes_tex = "\\\\\n".join(tex_escape(n) for n in notes)
+    return (f"% needs \\usepackage{{booktabs}}\n\\begin{{table}}[ht]\n\\centering\n\\caption{{{tex_escape(caption)}}}\n"
+            f"\\small\n{tabular}\\par\\smallskip\n{{\\footnotesize {notes_tex}}}\n\\end{{table}}\n")
+
+
+def _markdown_sections(report: Report, title: str, table: Any, notes: Any) -> str:
+    parts = []
+    for group in report.groups:
+        parts += [f"## {title}, eval {group}", "", markdown(table(group)), ""]
+        parts += [n + "  " for n in notes(report, group)] + [""]  # two spaces: a Markdown line break
+    return "\n".join(parts)
+
+
+def accuracy_markdown(report: Report) -> str:
+    bold = lambda c: f"**{cell_text(c)}**" if c.best else cell_text(c)  # noqa: E731
+    text = _markdown_sections(report, "Accuracy (%)", lambda g: accuracy_wide(report.cells, g, bold), _accuracy_notes)
+    return "\n".join([text, *failure_lines(report.frame)]).rstrip() + "\n"
+
+
+def cost_markdown(report: Report) -> str:
+    return _markdown_sections(report, "Cost", lambda g: cost_display(report, g), _cost_notes).rstrip() + "\n"
+
+
+def accuracy_latex(report: Report) -> str:
+    return "\n".join(latex(accuracy_wide(report.cells, g, cell_text), f"Test accuracy (%), eval {g}",
+                           _accuracy_notes(report, g), accuracy_wide(report.cells, g, lambda c: c.best))
+                     for g in report.groups)
+
+
+def cost_latex(report: Report) -> str:
+    return "\n".join(latex(cost_display(report, g), f"Cost, eval {g}", _cost_notes(report, g)) for g in report.groups)
+
+
+def _with_protocol(report: Report, table: pd.DataFrame) -> pd.DataFrame:
+    lines = {g: protocol_line(report.frame[report.frame["group"] == g]) for g in report.groups}
+    return table.rename(columns={"group": "eval"}).assign(protocol=table["group"].map(lines))
+
+
+def write_tables(report: Report) -> list[Path]:
+    """table.md/.tex/.csv (accuracy) and cost.md/.tex/.csv in the store directory."""
+    d = report.directory
+    files = {d / "table.md": accuracy_markdown(report), d / "table.tex": accuracy_latex(report),
+             d / "cost.md": cost_markdown(report), d / "cost.tex": cost_latex(report)}
+    for path, text in files.items():
+        path.write_text(text)
+    _with_protocol(report, report.cells).to_csv(d / "table.csv", index=False)
+    _with_protocol(report, report.cost).to_csv(d / "cost.csv", index=False)
+    return [*files, d / "table.csv", d / "cost.csv"]
+
+
+def build_report(directory: str | Path, speedup_vs: str | None = None, interpolate: bool = False) -> Report | None:
+    """Aggregate the store (None when it holds no records); ``speedup_vs`` must be a method label."""
+    directory = Path(directory)
     frame = store_frame(directory)
     if frame.empty:
+        return None
+    if speedup_vs is not None and speedup_vs not in set(frame["label"]):
+        by_name = frame[frame["method"] == speedup_vs]["label"].unique()
+        if len(by_name) != 1:
+            raise ConfigError(f"speedup_vs: {speedup_vs!r} is not a method in {directory} "
+                              f"(available: {', '.join(method_order(frame))})")
+        speedup_vs = str(by_name[0])
+    cells = accuracy_cells(frame)
+    return Report(directory, frame, cells, cost_frame(frame, cells, speedup_vs, interpolate), curve_frame(frame),
+                  speedup_vs, interpolate)
+
+
+def stored_speedup_vs(directory: str | Path) -> str | None:
+    """The reference method saved by an earlier ``write_report`` (so a later run reuses it)."""
+    path = Path(directory) / SETTINGS_FILE
+    return json.loads(path.read_text()).get("speedup_vs") if path.exists() else None
+
+
+def speedup_vs_from_suite(path: str | Path) -> str | None:
+    """``report.speedup_vs`` of a suite YAML file (None when absent)."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise ConfigError(f"suite: file not found: {path}")
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    return ((raw.get("report") or {}) if isinstance(raw, dict) else {}).get("speedup_vs")
+
+
+def write_report(directory: str | Path, speedup_vs: str | None = None, *, plots: bool = True, grids: bool = True,
+                 data_root: str | Path = "data", interpolate: bool = False) -> list[Path]:
+    """Write tables, plots and image grids into ``directory``; returns the files written.
+
+    ``speedup_vs`` (a method label) is saved in ``report.json`` and reused when not given.
+    """
+    directory = Path(directory)
+    speedup_vs = speedup_vs or stored_speedup_vs(directory)
+    report = build_report(directory, speedup_vs, interpolate)
+    if report is None:
+        log.warning("report: no records in %s", directory)
+        return []
+    if report.speedup_vs:
+        (directory / SETTINGS_FILE).write_text(json.dumps({"speedup_vs": report.speedup_vs}, indent=1) + "\n")
+    written = write_tables(report)
+    if plots:
+        from dd_bench.plots import write_plots
+
+        written += write_plots(report, directory / "plots")
+    if grids:
+        from dd_bench.grids import write_grids
+
+        written += write_grids(report.frame, directory, directory / "grids", data_root=data_root)
+    log.info("report: wrote %d files under %s", len(written), directory)
+    return written
+
+
+def summary(directory: str | Path, speedup_vs: str | None = None) -> str:
+    """The text printed at the end of a run and by ``dd-bench report``: both tables with their notes."""
+    report = build_report(directory, speedup_vs or stored_speedup_vs(directory))
+    if report is None:
         return "(no results yet)"
-    parts = ["Accuracy (%) on the real test set, mean ± std over all evaluation runs of all seeds",
-             markdown(accuracy_table(frame)), "", "Cost per cell (means)", markdown(cost_table(frame)), ""]
-    parts += protocol_lines(frame)
-    failed = frame[frame["status"] == "failed"]
-    for _, row in failed.iterrows():
-        parts.append(f"FAILED {row['label']} {row['dataset']} ipc={row['ipc']} seed={row['seed']}: {row['error']}")
-    return "\n".join(parts)
+    return accuracy_markdown(report) + "\n\n" + cost_markdown(report)

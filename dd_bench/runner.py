@@ -106,11 +106,12 @@ def _run_cell_phases(cell: Cell, options: RunOptions, device: torch.device, stor
         syn, snapshots = _distill(method, data, cell, ctx, record, options.progress)
     record.peak_memory_mb["distill"] = round(memory.peak_mb, 1)
     _check_finite_set(syn, "final synthetic set")
-    set_path = store.set_path(cell.cell_id)
-    syn.meta.update({"cell_id": cell.cell_id, "method": cell.method, "dataset": cell.dataset, "ipc": cell.ipc,
-                     "zca": cell.data.zca, "mean": list(data.mean), "std": list(data.std)})
-    syn.save(set_path)
-    record.synthetic_set = str(set_path.relative_to(store.directory))
+    if method.save_set:
+        set_path = store.set_path(cell.cell_id)
+        syn.meta.update({"cell_id": cell.cell_id, "method": cell.method, "dataset": cell.dataset, "ipc": cell.ipc,
+                         "zca": cell.data.zca, "mean": list(data.mean), "std": list(data.std)})
+        syn.save(set_path)
+        record.synthetic_set = str(set_path.relative_to(store.directory))
 
     with PeakMemory(device) as memory:
         result = evaluate(syn, data, protocol, seed=derive_seed(cell.seed, "final"), device=device)

@@ -42,6 +42,20 @@ class RandomReal(Method):
         return state
 
 
+@register_method("full", "whole_dataset")
+class FullDataset(Method):
+    """The whole real training set (the upper-bound reference column; ``ipc`` is ignored)."""
+
+    iterative = False
+    save_set = False
+
+    def init(self, data, ipc: int, ctx: RunContext) -> SyntheticSet:
+        return SyntheticSet(data.train_images, data.train_labels, meta={"ipc_ignored": True})
+
+    def result(self, state: SyntheticSet) -> SyntheticSet:
+        return state
+
+
 @dataclass
 class EmbeddingConfig:
     """Where herding and k-center measure distances.

@@ -1,0 +1,70 @@
+import torch
+
+import dd_bench.evaluate as evaluate_module
+from dd_bench.evaluate import EvalProtocol, evaluate
+from dd_bench.method import SyntheticSet
+
+FAST = EvalProtocol(epochs=10, runs=2, batch_size=25, augment="none")
+
+
+def _real_set(data, per_class: int) -> SyntheticSet:
+    images = torch.cat([data.class_images(c)[:per_class] for c in range(data.num_classes)])
+    labels = torch.arange(data.num_classes).repeat_interleave(per_class)
+    return SyntheticSet(images, labels)
+
+
+def test_schedule_matches_the_reference_code():
+    assert EvalProtocol(epochs=300).lr_drop_epoch() == 151
+    assert EvalProtocol(epochs=1000).lr_drop_epoch() == 501
+    text = EvalProtocol(epochs=300, runs=5, augment="none").describe()
+    assert "300 epochs" in text and "×0.1 at epoch 151" in text and "5 runs" in text
+
+
+def test_auto_augment_resolves_per_method():
+    assert EvalProtocol().resolved("dsa", "color_crop").augment == "dsa"
+    assert EvalProtocol().resolved("dsa", "color_crop").dsa_strategy == "color_crop"
+    assert EvalProtocol().resolved("none", "color_crop").dsa_strategy is None
+    assert EvalProtocol(augment="none").resolved("dsa", "color_crop").augment == "none"
+
+
+def test_training_on_real_images_beats_chance_and_is_seeded(tiny_data):
+    syn = _real_set(tiny_data, 10)
+    first = evaluate(syn, tiny_data, FAST, seed=3)
+    again = evaluate(syn, tiny_data, FAST, seed=3)
+    assert len(first.accuracies) == 2
+    assert first.accuracies == again.accuracies
+    assert first.mean > 40.0  # 10 classes: chance is 10 %
+
+
+def test_one_test_pass_per_network(tiny_data, monkeypatch):
+    """Never select on the test set: each trained network is tested exactly once."""
+    calls = []
+    original = evaluate_module.test_accuracy
+    monkeypatch.setattr(evaluate_module, "test_accuracy", lambda *a, **k: calls.append(1) or original(*a, **k))
+    evaluate(_real_set(tiny_data, 2), tiny_data, EvalProtocol(epochs=3, runs=3, augment="none"))
+    assert len(calls) == 3
+
+
+def test_one_hot_soft_labels_equal_hard_labels(tiny_data):
+    hard = _real_set(tiny_data, 3)
+    soft = SyntheticSet(hard.images, torch.nn.functional.one_hot(hard.labels, 10).float())
+    protocol = EvalProtocol(epochs=5, runs=1, augment="none")
+    a = evaluate(hard, tiny_data, protocol, seed=1)
+    b = evaluate(soft, tiny_data, protocol, seed=1)
+    assert abs(a.accuracies[0] - b.accuracies[0]) < 1e-6
+    assert b.label_type.startswith("soft")
+
+
+def test_learned_lr_is_used_when_present(tiny_data):
+    syn = _real_set(tiny_data, 1)
+    syn.learned_lr = 0.003
+    assert evaluate(syn, tiny_data, EvalProtocol(epochs=1, runs=1, augment="none")).lr == 0.003
+    fixed = EvalProtocol(epochs=1, runs=1, augment="none", use_learned_lr=False)
+    assert evaluate(syn, tiny_data, fixed).lr == 0.01
+
+
+def test_dsa_augmented_training_runs(tiny_data):
+    protocol = EvalProtocol(epochs=2, runs=1).resolved("dsa", tiny_data.dsa_strategy)
+    result = evaluate(_real_set(tiny_data, 2), tiny_data, protocol)
+    assert 0.0 <= result.accuracies[0] <= 100.0
+    assert result.protocol["augment"] == "dsa"
