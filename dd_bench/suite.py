@@ -77,6 +77,15 @@ class RayConfig:
     gpus_per_cell: float = 0.0
     max_concurrent: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("cpus_per_cell", "gpus_per_cell"):
+            value = getattr(self, name)
+            if not value >= (0 if name == "gpus_per_cell" else 1e-9) or (value > 1 and value != int(value)):
+                raise ConfigError(f"ray.{name}: invalid value {value!r} "
+                                  "(expected a number > 0, or >= 0 for GPUs; Ray allows fractions only below 1, e.g. 0.25)")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ConfigError(f"ray.max_concurrent: invalid value {self.max_concurrent!r} (expected an integer >= 1)")
+
 
 @dataclass(frozen=True)
 class ReportConfig:

@@ -136,3 +136,39 @@ def test_same_seed_same_init_and_no_reseeding() -> None:
         assert torch.equal(a, b)
     # Consecutive nets draw on from the RNG rather than reseeding: they differ.
     assert not torch.equal(first.features[0].weight, second.features[0].weight)
+
+
+@pytest.mark.parametrize("name,channels,size", [("ConvNet", 1, 28), ("ConvNet", 3, 32), ("ConvNetMP", 1, 28),
+                                                ("ConvNetD1", 3, 32), ("LeNet", 1, 28)])
+def test_cpu_fast_path_equals_the_plain_modules_including_double_backward(name, channels, size):
+    torch.manual_seed(0)
+    net = create_model(name, channels, 10, (size, size)).double().train()
+    x = torch.randn(6, channels, size, size, dtype=torch.double, requires_grad=True)
+    y = torch.randint(0, 10, (6,))
+    fast = net(x)
+    plain = net.classifier(net.features(x).flatten(1)) if hasattr(net, "features") else net(x)
+    torch.testing.assert_close(fast, plain)
+    grads = []
+    for out in (fast, plain):  # DC differentiates through parameter gradients (create_graph)
+        g = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y), list(net.parameters()), create_graph=True)
+        grads.append(torch.autograd.grad(sum((p ** 2).sum() for p in g), x)[0])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_avg_pool_2x2_matches_torch_including_odd_sizes():
+    from dd_bench.models import avg_pool_2x2
+
+    for shape in ((2, 3, 8, 8), (2, 3, 7, 9)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(avg_pool_2x2(x), torch.nn.functional.avg_pool2d(x, 2))
+
+
+def test_standard_layout_undoes_the_channels_last_strides_of_dsa_crop():
+    from dd_bench.augment import DSA
+    from dd_bench.models import standard_layout
+
+    cropped = DSA("crop")(torch.randn(4, 1, 28, 28), generator=torch.Generator().manual_seed(0), siamese=True)
+    fixed = standard_layout(cropped)
+    assert fixed.stride() == (784, 784, 28, 1) and torch.equal(fixed, cropped)
+    plain = torch.randn(4, 3, 8, 8)
+    assert standard_layout(plain) is plain
