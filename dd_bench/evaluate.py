@@ -126,7 +126,8 @@ def evaluate(
     started = time.perf_counter()
     for run in range(protocol.runs):
         run_seed = derive_seed(seed, "eval", run)
-        net = _train_one(syn, data, protocol, lr, run_seed, device)
+        with torch.random.fork_rng(devices=[]):  # evaluating must not move the caller's RNG
+            net = _train_one(syn, data, protocol, lr, run_seed, device)
         accuracies.append(test_accuracy(net, data.test_images, data.test_labels, protocol.test_batch_size, device))
         log.debug("eval run %d/%d: %.2f%%", run + 1, protocol.runs, accuracies[-1])
     label_type = f"soft ({protocol.soft_label_loss})" if syn.soft_labels else "hard (CE)"

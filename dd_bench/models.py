@@ -183,7 +183,9 @@ class ConvNet(_Classifier):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Flattened last feature map (DM's embedding, PROTOCOL §5)."""
-        if x.device.type == "cpu":
+        # Under torch.compile the flag flips of the fast path would split the graph, and
+        # inductor picks its own kernels anyway.
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
             return _cpu_features(self.features, x).flatten(1)
         return self.features(x).flatten(1)
 

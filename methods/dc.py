@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from dd_bench.augment import DSA as SiameseAugment
 from dd_bench.errors import ConfigError
 from dd_bench.method import Method, RunContext, SyntheticSet, register_method
-from dd_bench.models import create_model, has_batchnorm
+from dd_bench.models import ConvNet, create_model, has_batchnorm, standard_layout
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,25 @@ def _functional_forward(template: nn.Module, tensors: dict[str, Tensor], x: Tens
     return torch.func.functional_call(template, tensors, (x,))
 
 
+class _LayersInOrder(nn.Module):
+    """Runs ``net``'s layers as its architecture defines them, for tracing.
+
+    For a ConvNet that is ``classifier(features(x).flatten(1))``, exactly its ``forward``
+    minus any device-specific eager shortcut in it: a shortcut that flips backend flags
+    (the CPU one in ``dd_bench.models`` does) splits the compiled graph at every flip, and
+    inductor picks its own kernels anyway. Other models run their own ``forward``.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.net, ConvNet):
+            return self.net.classifier(self.net.features(x).flatten(1))
+        return self.net(x)
+
+
 class _FastForward:
     """``forward(net, x)`` == ``net(x)``, through a compiled functional call of a template.
 
@@ -186,7 +205,7 @@ class _FastForward:
     """
 
     def __init__(self, template: nn.Module):
-        self.template = template
+        self.template = _LayersInOrder(template)
         name = f"dc_forward_{id(self)}"
         code = _functional_forward.__code__.replace(co_name=name, co_qualname=name)
         function = types.FunctionType(code, _functional_forward.__globals__, name)
@@ -194,10 +213,10 @@ class _FastForward:
 
     def __call__(self, net: nn.Module, x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
         if self.compiled is not None:
-            for mine, theirs in zip(self.template.modules(), net.modules()):
+            for mine, theirs in zip(self.template.net.modules(), net.modules()):
                 mine.training = theirs.training  # BN train/eval enters the guards
             try:
-                return self.compiled(self.template, tensors, x)
+                return self.compiled(self.template, {f"net.{k}": v for k, v in tensors.items()}, x)
             except Exception as error:  # a missing compiler or backend must not stop a run
                 log.warning("torch.compile failed (%s: %s); DC/DSA continue without it", type(error).__name__, error)
                 self.compiled = None
@@ -346,9 +365,7 @@ class DC(Method):
 
     def _forward(self, net: nn.Module, trainable: list[nn.Parameter], state: GradientMatchingState, x: Tensor) -> Tensor:
         """``net(x)``, compiled when configured; only ``trainable`` parameters carry gradients."""
-        # DSA's crop returns a permuted (channels-last) view; a plain layout keeps the fast
-        # convolution path and the compiled graph's stride guards.
-        x = x.contiguous()
+        x = standard_layout(x)
         if state.fast is None:
             return net(x)
         keep = {id(p) for p in trainable}
