@@ -28,7 +28,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -40,7 +39,7 @@ from typing import Any
 from ray.tune import Callback
 
 from dd_bench.errors import ConfigError
-from dd_bench.results import CellResult, ResultStore
+from dd_bench.results import CellResult, ResultStore, finite_json
 from dd_bench.runner import Executor, RunOptions, execute_cell
 from dd_bench.suite import Cell, Suite
 
@@ -366,7 +365,7 @@ def _cell_trial(config: dict[str, Any], cells: list[Cell], options: RunOptions, 
     try:
         encoded = json.dumps(payload, sort_keys=True, default=str, allow_nan=False)
     except ValueError:  # a NaN or infinity: keep the record, with those values as null
-        encoded = json.dumps(_finite(payload), sort_keys=True, default=str)
+        encoded = json.dumps(finite_json(payload), sort_keys=True, default=str)
     tune.report({RECORD_KEY: encoded, "status": record.status, "accuracy_mean": record.accuracy_mean})
 
 
@@ -393,13 +392,3 @@ def _trial_device(device: str) -> str:
     if device.startswith("cuda:") and gpus:
         return "cuda"  # indices are remapped inside CUDA_VISIBLE_DEVICES
     return device
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

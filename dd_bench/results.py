@@ -68,14 +68,14 @@ class CellResult:
         return asdict(self)
 
 
-def _finite(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
     """Strict JSON has no NaN: a non-finite number is stored as null (shown as missing)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 
@@ -89,7 +89,7 @@ class ResultStore:
     # -- writing ------------------------------------------------------------------------
     def append(self, record: CellResult | dict[str, Any]) -> None:
         data = record.to_dict() if isinstance(record, CellResult) else record
-        line = (json.dumps(_finite(data), sort_keys=True, default=str, allow_nan=False) + "\n").encode()
+        line = (json.dumps(finite_json(data), sort_keys=True, default=str, allow_nan=False) + "\n").encode()
         self.directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:

@@ -20,7 +20,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dd_bench.errors import DataMissingError
 from dd_bench.measure import resolve_device
 from dd_bench.method import RunContext, create_method
 from dd_bench.models import create_model
@@ -33,14 +32,6 @@ IPC = 1
 BATCH_REAL = 256
 
 
-@pytest.fixture(scope="module")
-def fashion_mnist():
-    from dd_bench.data import load_dataset
-
-    try:
-        return load_dataset("fashion_mnist")
-    except DataMissingError as error:
-        pytest.skip(f"Fashion-MNIST is not installed: {error}")
 
 
 def _state(name: str, data, compile_passes: bool):

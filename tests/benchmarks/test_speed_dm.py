@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dd_bench.errors import DataMissingError
 from dd_bench.method import RunContext, create_method
 from dd_bench.models import create_model
 from dd_bench.seeding import seed_everything
@@ -24,14 +23,6 @@ IPC = 10
 BATCH_REAL = 256
 
 
-@pytest.fixture(scope="module")
-def fashion_mnist():
-    from dd_bench.data import load_dataset
-
-    try:
-        return load_dataset("fashion_mnist")
-    except DataMissingError as error:
-        pytest.skip(f"Fashion-MNIST is not installed: {error}")
 
 
 @pytest.fixture(scope="module")

@@ -21,22 +21,6 @@ from methods.dc import DC, DSA, DCConfig, DSAConfig, distance_wb, get_loops, mat
 TINY = {"batch_real": 32, "model": "ConvNetW32", "compile": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from intra-op threads, and on a busy machine the
-    threads' barriers cost more than the work (several times the wall time). Function-scoped,
-    so that it runs after any thread setting of the shared conftest."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data():
-    from dd_bench.data import load_dataset
-
-    return load_dataset("mnist_sample").subset(per_class=40, test_per_class=30)
 
 
 def distil(name: str, data, steps: int, seed: int = 0, ipc: int = 1, **params):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dd_bench.data import load_dataset
 from dd_bench.errors import ConfigError
 from dd_bench.evaluate import EvalProtocol, evaluate
 from dd_bench.method import METHODS, RunContext, SyntheticSet, create_method
@@ -20,19 +19,6 @@ from methods.dm import DM, DMConfig, matching_loss, real_class_means, uses_batch
 SMALL_NET = "ConvNetW32"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from a second thread, and on a shared 2-core machine OpenMP's
-    # barriers make every small op wait for a core: one thread keeps the file fast and steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_dataset("mnist_sample").subset(per_class=40, test_per_class=30)
 
 
 def _distil(data, ipc: int, steps: int, seed: int = 0, **params):
