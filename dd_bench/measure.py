@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from dd_bench.allocator import allocator_state, release_free_memory
+
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -48,6 +50,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            release_free_memory()  # the heap keeps freed pages; without this the last phase's peak shows
             self._peak_bytes = _rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -117,6 +120,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_allocator": allocator_state(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "git_commit": _git_commit(),
     }

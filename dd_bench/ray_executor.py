@@ -40,6 +40,7 @@ from ray.tune import Callback
 
 from dd_bench.errors import ConfigError
 from dd_bench.results import CellResult, ResultStore, finite_json
+from dd_bench.allocator import allocator_env
 from dd_bench.runner import Executor, RunOptions, execute_cell
 from dd_bench.suite import Cell, Suite
 
@@ -60,6 +61,8 @@ _RAY_ENV = {
     # Tune's classic reporter: one compact table (cell, status, accuracy) instead of a box per
     # trial start and result, which would also show the record's JSON.
     "RAY_AIR_NEW_OUTPUT": "0",
+    # The CPU allocator setting every cell runs under (dd_bench.allocator), from process start.
+    **allocator_env(),
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from dd_bench.allocator import tune_cpu_allocator
 from dd_bench.artifacts import prepare_method
 from dd_bench.errors import ConfigError
 from dd_bench.evaluate import EvalProtocol, evaluate
@@ -67,6 +68,7 @@ def load_cell_data(cell: Cell, download: bool | None = None):
 
 def execute_cell(cell: Cell, options: RunOptions) -> CellResult:
     """Run one cell: prepare, distill within the budget, evaluate; always returns a record."""
+    tune_cpu_allocator()  # before anything is measured, so every method runs under the same allocator
     device = resolve_device(options.device)
     store = ResultStore(options.results_dir)
     record = CellResult(cell.cell_id, cell.suite, "failed", cell.method, cell.label, cell.dataset, cell.ipc, cell.seed,

@@ -8,7 +8,14 @@ import pytest
 import torch
 import yaml
 
+from dd_bench.allocator import tune_cpu_allocator
 from dd_bench.data import load_dataset
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _harness_allocator():
+    # The allocator setting execute_cell applies; set once up front so every test runs under it.
+    tune_cpu_allocator()
 
 
 @pytest.fixture(autouse=True)
