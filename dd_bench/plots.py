@@ -94,13 +94,13 @@ def _figure(stem: Path, cells: pd.DataFrame, footer: str, draw: Callable[[Any, t
 
 
 def _footer(report: Report, group: str) -> str:
-    from dd_bench.report import protocol_line
+    from dd_bench.aggregate import protocol_line
 
     return protocol_line(report.frame[report.frame["group"] == group])
 
 
 def _method_colors(report: Report) -> dict[str, Any]:
-    from dd_bench.report import method_order
+    from dd_bench.aggregate import method_order
 
     labels = method_order(report.frame)
     return dict(zip(labels, sns.color_palette("tab10", max(len(labels), 1))))

@@ -10,6 +10,7 @@ import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -17,7 +18,8 @@ import torch
 from dd_bench.cli import main
 from dd_bench.grids import to_pixels
 from dd_bench.method import SyntheticSet
-from dd_bench.report import build_report, summary, time_to_accuracy, write_report
+from dd_bench.aggregate import time_to_accuracy
+from dd_bench.report import build_report, summary, write_report
 from dd_bench.results import ResultStore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -153,6 +155,14 @@ def test_speedup_is_the_distill_seconds_ratio(written) -> None:
     assert at.loc[(1, "dc"), "speedup"] == pytest.approx(1.0)
     assert at.loc[(10, "dm"), "speedup"] == pytest.approx(200.0 / 20.0)
     assert "| mnist_sample | 1 | dm |" in (md := (written[0] / "cost.md").read_text()) and "10× (10×)" in md
+
+
+def test_selection_baselines_get_no_speedup(written) -> None:
+    # random took 0 steps in 0.001 s: a ratio would read 1e4x and mean nothing.
+    cost = pd.read_csv(written[0] / "cost.csv").set_index(["ipc", "method"])
+    assert np.isnan(cost.loc[(1, "random"), "speedup"])
+    row = next(line for line in (written[0] / "cost.md").read_text().splitlines() if "| 1 | random |" in line)
+    assert "| selection |" in row
 
 
 def test_time_to_accuracy_from_snapshots(written) -> None:
