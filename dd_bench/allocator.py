@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ def tune_cpu_allocator() -> str:
     ok = all(libc.mallopt(param, value) == 1 for param, value in
              ((_M_MMAP_MAX, 0), (_M_ARENA_MAX, 1), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD)))
     _state = "glibc heap-only (mmap off, trim off)" if ok else "default (mallopt refused)"
+    if ok and threading.current_thread() is not threading.main_thread() and os.environ.get("MALLOC_ARENA_MAX") != "1":
+        # This thread already has its own arena, which still maps and unmaps whole heaps;
+        # worker processes should start with allocator_env() (the Ray executor does).
+        _state += "; this thread's own arena excepted"
     log.debug("CPU allocator: %s", _state)
     return _state
 

@@ -55,3 +55,15 @@ def test_results_record_the_setting():
     from dd_bench.measure import environment
 
     assert environment()["cpu_allocator"] == allocator.allocator_state() != "default"
+
+
+def test_a_late_thread_says_its_arena_is_excepted(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(allocator, "_state", None)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(allocator.tune_cpu_allocator()))
+    worker.start()
+    worker.join()
+    assert seen[0].endswith("this thread's own arena excepted")
