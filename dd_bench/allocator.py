@@ -12,9 +12,9 @@ to 4.9 s (``tests/benchmarks``, measured side by side).
 The harness applies this once per process before a cell runs (``execute_cell``), so every
 method and the evaluation run under the same allocator, and records the setting with each
 result. The price is memory: freed buffers stay resident and the heap fragments, so the peak
-resident set of a DC step rose from 1.26 to 1.62 GiB. ``DD_BENCH_MALLOC=default`` leaves glibc
-as it is. Phase peaks stay meaningful because
+resident set of a DC step rose from 1.26 to 1.62 GiB. Phase peaks stay per phase because
 ``release_free_memory`` hands the free heap back before each measured phase.
+``DD_BENCH_MALLOC=default`` leaves glibc as it is.
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ _OPT_OUT = {"default", "off", "0", "no"}
 _state: str | None = None
 
 
+def _opted_out() -> bool:
+    return os.environ.get(ENV_VAR, "").strip().lower() in _OPT_OUT
+
+
 @functools.lru_cache(maxsize=1)
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
@@ -62,7 +66,7 @@ def tune_cpu_allocator() -> str:
     global _state
     if _state is not None:
         return _state
-    if os.environ.get(ENV_VAR, "").strip().lower() in _OPT_OUT:
+    if _opted_out():
         _state = f"default ({ENV_VAR})"
         return _state
     libc = _glibc()
@@ -88,7 +92,7 @@ def allocator_env() -> dict[str, str]:
     glibc reads them at process start, before any thread has its own arena; a Ray trial runs in
     a thread the worker made before ``tune_cpu_allocator`` could run, so it needs them this way.
     """
-    if os.environ.get(ENV_VAR, "").strip().lower() in _OPT_OUT or _glibc() is None:
+    if _opted_out() or _glibc() is None:
         return {}
     return {"MALLOC_MMAP_MAX_": "0", "MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD),
             "MALLOC_TOP_PAD_": str(_TOP_PAD)}

@@ -1,6 +1,6 @@
 """Figures of a report (PNG and PDF): accuracy vs wall-clock, accuracy vs steps, speedup, cross-architecture.
 
-Draws what ``dd_bench.report`` aggregated; computes nothing new. Figures are built on
+Draws what ``dd_bench.aggregate`` aggregated; computes nothing new. Figures are built on
 ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no display, no global state);
 seaborn supplies the style, bars and heat maps. Each figure has one panel per (dataset, IPC),
 and the protocol line printed beneath it, as under every table.
@@ -20,6 +20,8 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from dd_bench.aggregate import method_order, protocol_line
 
 if TYPE_CHECKING:
     from dd_bench.report import Report
@@ -94,14 +96,10 @@ def _figure(stem: Path, cells: pd.DataFrame, footer: str, draw: Callable[[Any, t
 
 
 def _footer(report: Report, group: str) -> str:
-    from dd_bench.aggregate import protocol_line
-
     return protocol_line(report.frame[report.frame["group"] == group])
 
 
 def _method_colors(report: Report) -> dict[str, Any]:
-    from dd_bench.aggregate import method_order
-
     labels = method_order(report.frame)
     return dict(zip(labels, sns.color_palette("tab10", max(len(labels), 1))))
 

@@ -38,9 +38,9 @@ from typing import Any
 
 from ray.tune import Callback
 
+from dd_bench.allocator import allocator_env
 from dd_bench.errors import ConfigError
 from dd_bench.results import CellResult, ResultStore, finite_json
-from dd_bench.allocator import allocator_env
 from dd_bench.runner import Executor, RunOptions, execute_cell
 from dd_bench.suite import Cell, Suite
 

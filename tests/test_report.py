@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
+from dd_bench.aggregate import time_to_accuracy
 from dd_bench.cli import main
 from dd_bench.grids import to_pixels
 from dd_bench.method import SyntheticSet
-from dd_bench.aggregate import time_to_accuracy
 from dd_bench.report import build_report, summary, write_report
 from dd_bench.results import ResultStore
 
