@@ -71,8 +71,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from dd_bench.runner import RunOptions, run_suite
-    from dd_bench.suite import load_suite
+    from dd_bench.run.runner import RunOptions, run_suite
+    from dd_bench.run.suite import load_suite
 
     suite = load_suite(args.suite)
     results_dir = args.results / suite.name
@@ -84,7 +84,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     executor = None
     if (args.executor or suite.executor) == "ray":
-        from dd_bench.ray_executor import make_ray_executor
+        from dd_bench.run.ray_executor import make_ray_executor
 
         executor = make_ray_executor(address=args.address or suite.ray.address)
     outcome = run_suite(suite, options, executor=executor, retry_failed=args.retry_failed)
@@ -117,7 +117,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     elif args.what == "datasets":
         from dd_bench.data import DATASETS as registry
     else:
-        from dd_bench.models import MODELS as registry
+        from dd_bench.nets import MODELS as registry
     for name in registry.names():
         aliases = registry.aliases_of(name)
         doc = (registry.get(name).__doc__ or "").strip().splitlines()
@@ -130,7 +130,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from dd_bench.errors import ConfigError
     from dd_bench.report import speedup_vs_from_suite, summary, write_report
-    from dd_bench.results import ResultStore
+    from dd_bench.run.store import ResultStore
 
     if not ResultStore(args.directory).path.exists():
         raise ConfigError(f"directory: no results.jsonl in {args.directory}")

@@ -2,42 +2,36 @@
 
 The harness owns the loop (DESIGN.md, "What a step is")::
 
-    method.build_artifacts(data, dir, ctx)   # one-off, only if artifact_spec() is not None and not cached
+    method.build_artifacts(data, dir, ctx)   # one-off, only if artifact_spec() is not None and not built
     method.load_artifacts(dir, ctx)
     state = method.init(data, ipc, ctx)
     for _ in budget: metrics = method.step(state, ctx)
-    syn = method.result(state)
+    syn = method.result(state)                          # the set at the adaptation IPC
+    sets = {k: method.deploy(state, k, ctx) for k in deploy_ipc}   # generators only
 
 Shared one-off preparation (MTT's expert trajectories, MGDD's meta-trained generator) is
-described by ``artifact_spec``: the harness hashes it, builds the artifact once under a lock,
-times that apart as ``prepare_seconds`` and lets every cell with the same spec reuse it.
-Learned learning rates, soft labels and any-IPC generation live in ``SyntheticSet`` and in
-the method's own state, so none of them needs an engine change.
+described by ``artifact_spec``: the harness hashes it, builds the artifact once (seeded from
+the spec, resumable from the method's own checkpoints), records its build time with every
+cell that uses it, and lets every cell with the same spec reuse it. Learned learning rates and
+soft labels travel in ``SyntheticSet``; any-IPC generation is ``deploy``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import typing
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from dd_bench.errors import ConfigError
+from dd_bench.budget import Budget
+from dd_bench.config import build_config
 from dd_bench.registry import Registry
 
 log = logging.getLogger(__name__)
-
-METHODS: Registry[type["Method"]] = Registry("method", ("methods",), entry_point_group="dd_bench.methods")
-
-
-def register_method(name: str, *aliases: str):
-    """Class decorator: ``@register_method("dm")`` makes a ``Method`` subclass available by name."""
-    return METHODS.register(name, *aliases)
 
 
 @dataclass
@@ -46,7 +40,8 @@ class SyntheticSet:
 
     ``labels`` are hard class indices, shape (N,), or soft label vectors, shape (N, K).
     ``learned_lr`` is the evaluation learning rate learned with the set (MTT); evaluation
-    uses it when the protocol says so.
+    uses it when the protocol says so. ``meta`` holds what is needed to read the set later
+    (dataset, normalisation, ZCA settings), written by the harness.
     """
 
     images: torch.Tensor
@@ -87,24 +82,45 @@ class SyntheticSet:
 
     @classmethod
     def load(cls, path: Path) -> "SyntheticSet":
-        blob = torch.load(Path(path), map_location="cpu", weights_only=False)
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
         return cls(blob["images"], blob["labels"], blob.get("learned_lr"), blob.get("meta", {}))
+
+
+def _no_dataset(name: str) -> Any:
+    raise RuntimeError(f"this RunContext has no dataset loader (asked for {name!r})")
 
 
 @dataclass
 class RunContext:
-    """What the harness hands a method: where to compute and which seed it runs under.
+    """What the harness hands a method.
 
-    The harness seeds torch, numpy and random from ``seed`` before ``init``; ``generator``
-    is a CPU generator seeded the same way for methods that want explicit draws.
+    - ``device``: where to compute; ``seed``: the cell's seed (or, while an artifact is built,
+      a seed derived from the artifact's spec, so the artifact is a function of its key);
+    - ``generator`` (CPU) and ``device_generator`` (on ``device``): seeded from ``seed``, for
+      methods that want explicit draws; the harness also seeds torch's global RNG;
+    - ``budget``: the cell's distillation budget (for schedules over the run), None while an
+      artifact is built;
+    - ``load_dataset(name)``: another registered dataset with the cell's data settings (root,
+      download permission, ZCA), e.g. MGDD's meta-training source;
+    - ``artifact_dir``: the folder of the method's artifact (None without one);
+    - ``progress``: whether long loops may show a progress bar.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     generator: torch.Generator = field(default_factory=torch.Generator)
+    budget: Budget | None = None
+    load_dataset: Callable[[str], Any] = _no_dataset
+    artifact_dir: Path | None = None
+    progress: bool = False
+    device_generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
         self.generator.manual_seed(self.seed)
+        if self.device_generator is None:
+            self.device_generator = torch.Generator(device=self.device)
+        self.device_generator.manual_seed(self.seed)
 
 
 @dataclass
@@ -115,16 +131,30 @@ class NoConfig:
 class Method(ABC):
     """Base class of every method. Subclasses set ``Config`` to a dataclass of paper defaults.
 
-    ``iterative = False`` marks selection baselines: the harness takes no steps for them.
-    ``save_set = False`` skips writing the set to the results (e.g. the whole training set).
-    ``paper_eval_augment`` is the evaluation augmentation the method's paper used
-    ("dsa" or "none"); a protocol with ``augment: auto`` follows it.
+    Class attributes (the method's traits; each result records them, and the report reads
+    them instead of method names):
+
+    - ``version``: bumped whenever the method's numbers would change; part of the cell id,
+      so a result of an older version is never taken for a new one;
+    - ``iterative = False``: a selection baseline, the harness takes no steps;
+    - ``save_set = False``: the set is not written to the results (the whole training set);
+    - ``paper_protocol``: the evaluation preset of the method's paper (``dd_bench.eval``
+      presets: "dc", "dsa", "dm", "mtt", "frepo"), or a mapping that starts from one and
+      overrides fields (``{"preset": "dm", "soft_label_loss": "mse"}``); a suite protocol
+      ``auto`` (and ``epochs: auto``, ``augment: auto``) follows it;
+    - ``reference``: "lower" for the baseline every method's gain is measured against (random
+      real images), "upper" for the whole-data reference, None otherwise; reference columns
+      are shown but never bolded;
+    - ``ipc_free``: the set does not depend on the IPC (the whole training set).
     """
 
     Config: ClassVar[type] = NoConfig
+    version: ClassVar[str] = "1"
     iterative: ClassVar[bool] = True
-    save_set: ClassVar[bool] = True  # False for references such as the whole training set
-    paper_eval_augment: ClassVar[str] = "none"
+    save_set: ClassVar[bool] = True
+    paper_protocol: ClassVar[str | dict[str, Any]] = "dc"
+    reference: ClassVar[str | None] = None
+    ipc_free: ClassVar[bool] = False
     registry_name: ClassVar[str] = ""
 
     def __init__(self, config: Any = None):
@@ -135,13 +165,33 @@ class Method(ABC):
         """Build from a suite's ``params`` mapping; an unknown key or a wrong type is a ConfigError."""
         return cls(build_config(cls.Config, params or {}, where))
 
+    @classmethod
+    def supports_deploy(cls) -> bool:
+        """True if the method produces sets at other IPCs from one adaptation (``deploy``)."""
+        return cls.deploy is not Method.deploy
+
+    @classmethod
+    def traits(cls) -> dict[str, Any]:
+        """What the report needs to know about the method, recorded with every result."""
+        return {"iterative": cls.iterative, "reference": cls.reference, "ipc_free": cls.ipc_free,
+                "deploys": cls.supports_deploy(), "paper_protocol": cls.paper_protocol}
+
     # -- one-off preparation ------------------------------------------------------------
     def artifact_spec(self, data: Any) -> dict[str, Any] | None:
-        """What the one-off artifact depends on (hashed into its cache key), or None for no artifact."""
+        """What the one-off artifact depends on (hashed into its key), or None for no artifact.
+
+        Everything that changes the artifact's content belongs here (including the dataset's
+        ``fingerprint()``), and nothing else: two cells with equal specs share one build.
+        """
         return None
 
     def build_artifacts(self, data: Any, directory: Path, ctx: RunContext) -> None:
-        """Make the artifact inside ``directory`` (once per spec, under a lock, timed as prepare)."""
+        """Make the artifact inside ``directory`` (once per spec; the harness times it).
+
+        ``directory`` survives an interrupted build: a long build should save checkpoints
+        there (``dd_bench.checkpoint.save_atomic``) and resume from them when called again.
+        The harness seeds torch's global RNG and ``ctx`` from the spec before calling this.
+        """
 
     def load_artifacts(self, directory: Path, ctx: RunContext) -> None:
         """Load what ``build_artifacts`` wrote; called in every cell that needs it."""
@@ -157,79 +207,21 @@ class Method(ABC):
 
     @abstractmethod
     def result(self, state: Any) -> SyntheticSet:
-        """The synthetic set the state currently represents."""
+        """The synthetic set the state currently represents (at the adaptation IPC)."""
+
+    def deploy(self, state: Any, ipc: int, ctx: RunContext) -> SyntheticSet:
+        """A synthetic set of ``ipc`` images per class from the adapted state, without further
+        adaptation (generators). Methods that implement it accept ``deploy_ipc`` in a suite."""
+        raise NotImplementedError(f"{type(self).__name__} cannot deploy at other IPCs")
 
 
-def build_config(config_type: type, params: dict[str, Any], where: str = "params") -> Any:
-    """Instantiate a config dataclass from a mapping, rejecting unknown keys and wrong types."""
-    if not dataclasses.is_dataclass(config_type):
-        raise TypeError(f"{config_type!r} is not a dataclass")
-    if not isinstance(params, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {params!r}")
-    hints = typing.get_type_hints(config_type)
-    known = {f.name for f in dataclasses.fields(config_type) if f.init}
-    values = {}
-    for key, value in params.items():
-        if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown parameter (value {value!r}); known: {', '.join(sorted(known))}")
-        values[key] = _coerce(hints.get(key, Any), value, f"{where}.{key}")
-    try:
-        return config_type(**values)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where}: {error}") from None
+METHODS: Registry[type[Method]] = Registry("method", ("dd_bench.methods",), entry_point_group="dd_bench.methods",
+                                           base=Method)
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    """Check ``value`` against a simple type hint; ints are accepted where floats are expected."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        errors = []
-        for arg in args:
-            if arg is type(None) and value is None:
-                return None
-            try:
-                return _coerce(arg, value, where)
-            except ConfigError as error:
-                errors.append(error)
-        raise ConfigError(f"{where}: invalid value {value!r} (expected {_hint_name(hint)})")
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise ConfigError(f"{where}: invalid value {value!r} (expected one of {', '.join(map(repr, args))})")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: invalid value {value!r} (expected a list)")
-        inner = args[0] if args else Any
-        items = [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: invalid value {value!r} (expected a mapping)")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: invalid value {value!r} (expected a number)")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: invalid value {value!r} (expected an integer)")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: invalid value {value!r} (expected true or false)")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: invalid value {value!r} (expected a string)")
-        return value
-    return value
-
-
-def _hint_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "")
+def register_method(name: str, *aliases: str):
+    """Class decorator: ``@register_method("dm")`` makes a ``Method`` subclass available by name."""
+    return METHODS.register(name, *aliases)
 
 
 def create_method(name: str, params: dict[str, Any] | None = None) -> Method:
@@ -238,3 +230,7 @@ def create_method(name: str, params: dict[str, Any] | None = None) -> Method:
     method = cls.from_params(params, where=f"methods[{name}].params")
     method.registry_name = METHODS.canonical(name)
     return method
+
+
+__all__ = ["METHODS", "Method", "NoConfig", "RunContext", "SyntheticSet", "create_method",
+           "register_method"]

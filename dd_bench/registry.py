@@ -31,11 +31,15 @@ class Registry(Generic[T]):
 
     ``kind`` is the word used in messages ("method", "dataset", "model");
     ``builtin_modules`` are imported on first lookup so the built-in entries exist;
-    ``entry_point_group`` names the group scanned for third-party entries.
+    ``entry_point_group`` names the group scanned for third-party entries;
+    ``base`` (a class) makes registration refuse anything that is not a subclass of it;
+    without it, entries must be callable (factories, loaders).
     """
 
-    def __init__(self, kind: str, builtin_modules: tuple[str, ...] = (), entry_point_group: str | None = None):
+    def __init__(self, kind: str, builtin_modules: tuple[str, ...] = (), entry_point_group: str | None = None,
+                 base: type | None = None):
         self.kind = kind
+        self.base = base
         self._builtin_modules = builtin_modules
         self._entry_point_group = entry_point_group
         # Lookup is case-insensitive; the name as registered is kept for display.
@@ -55,6 +59,7 @@ class Registry(Generic[T]):
         return decorator
 
     def add(self, name: str, obj: T, *aliases: str) -> None:
+        self._check_type(name, obj)
         key = self._normalise(name)
         if key in self._entries and self._entries[key] is not obj:
             existing = self._entries[key]
@@ -65,6 +70,13 @@ class Registry(Generic[T]):
         self._display[key] = name
         for alias in aliases:
             self._aliases[self._normalise(alias)] = key
+
+    def _check_type(self, name: str, obj: object) -> None:
+        if self.base is not None:
+            if not (isinstance(obj, type) and issubclass(obj, self.base)):
+                raise ConfigError(f"{self.kind} '{name}': {obj!r} is not a subclass of {self.base.__name__}")
+        elif not callable(obj):
+            raise ConfigError(f"{self.kind} '{name}': {obj!r} is not callable")
 
     # -- lookup -------------------------------------------------------------------------
     def get(self, name: str) -> T:

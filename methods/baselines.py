@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dd_bench.method import Method, RunContext, SyntheticSet, register_method
-from dd_bench.models import create_model
+from dd_bench.nets import create_model
 from dd_bench.seeding import make_generator
 
 log = logging.getLogger(__name__)

@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dd_bench.augment import DSA as SiameseAugment
+from dd_bench.data.dsa import DSA as SiameseAugment
 from dd_bench.errors import ConfigError
 from dd_bench.method import Method, RunContext, SyntheticSet, register_method
-from dd_bench.models import ConvNet, create_model, has_batchnorm, standard_layout
+from dd_bench.nets import ConvNet, create_model, has_batchnorm, standard_layout
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class _LayersInOrder(nn.Module):
 
     For a ConvNet that is ``classifier(features(x).flatten(1))``, exactly its ``forward``
     minus any device-specific eager shortcut in it: a shortcut that flips backend flags
-    (the CPU one in ``dd_bench.models`` does) splits the compiled graph at every flip, and
+    (the CPU one in ``dd_bench.nets`` does) splits the compiled graph at every flip, and
     inductor picks its own kernels anyway. Other models run their own ``forward``.
     """
 
@@ -260,7 +260,7 @@ class DC(Method):
     """Dataset Condensation with gradient matching (PROTOCOL §3); evaluated without augmentation."""
 
     Config = DCConfig
-    paper_eval_augment = "none"
+    paper_protocol = "dc"
 
     # -- setup -------------------------------------------------------------------------------
     def init(self, data, ipc: int, ctx: RunContext) -> GradientMatchingState:
@@ -421,7 +421,7 @@ class DSA(DC):
     """
 
     Config = DSAConfig
-    paper_eval_augment = "dsa"
+    paper_protocol = "dsa"
 
     def _augmenter(self, data) -> SiameseAugment:
         return SiameseAugment(self.config.dsa_strategy or data.dsa_strategy)

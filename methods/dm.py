@@ -25,7 +25,7 @@ How this differs from the official ``main_DM.py`` (none changes the objective or
   small chunks stay in cache), and the synthetic images of all classes go through one forward
   pass instead of one per class. For per-image nets this is the same function of the same
   inputs; only floating-point rounding can differ.
-- On the CPU, ``ConvNet.embed`` itself (dd_bench.models) replaces two slow kernels by
+- On the CPU, ``ConvNet.embed`` itself (dd_bench.nets) replaces two slow kernels by
   equivalent ones (first conv on im2col + GEMM, 2x2 average pooling as strided adds); every
   method and the evaluation protocol share that path.
   Batches are given row-major strides first (:func:`standard_layout`): after DSA's crop they
@@ -44,10 +44,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from dd_bench.augment import DSA
+from dd_bench.data.dsa import DSA
 from dd_bench.errors import ConfigError
 from dd_bench.method import Method, RunContext, SyntheticSet, register_method
-from dd_bench.models import create_model, has_batchnorm, standard_layout
+from dd_bench.nets import create_model, has_batchnorm, standard_layout
 from dd_bench.seeding import make_generator
 
 
@@ -115,7 +115,7 @@ class DM(Method):
     """Distribution matching (PROTOCOL §5); see the module docstring for the departures."""
 
     Config = DMConfig
-    paper_eval_augment = "dsa"
+    paper_protocol = "dm"
 
     def init(self, data, ipc: int, ctx: RunContext) -> DMState:
         cfg: DMConfig = self.config

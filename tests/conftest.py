@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from dd_bench.allocator import tune_cpu_allocator
+from dd_bench.run.allocator import tune_cpu_allocator
 from dd_bench.data import load_dataset
 
 

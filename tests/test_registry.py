@@ -23,8 +23,8 @@ def test_register_lookup_aliases_case_insensitive():
 
 def test_unknown_name_lists_available():
     registry: Registry[object] = Registry("method")
-    registry.add("alpha", object())
-    registry.add("beta", object())
+    registry.add("alpha", lambda: 1)
+    registry.add("beta", lambda: 2)
     with pytest.raises(UnknownNameError) as info:
         registry.get("gamma")
     assert str(info.value) == "Unknown method 'gamma'. Available: alpha, beta"
@@ -32,15 +32,33 @@ def test_unknown_name_lists_available():
 
 def test_conflicting_registration_is_an_error():
     registry: Registry[object] = Registry("thing")
-    registry.add("a", 1)
+    registry.add("a", int)
     with pytest.raises(ConfigError):
-        registry.add("a", 2)
+        registry.add("a", float)
+
+
+def test_registration_checks_the_base_class_or_callability():
+    class Base:
+        pass
+
+    class Child(Base):
+        pass
+
+    typed: Registry[type] = Registry("method", base=Base)
+    typed.add("child", Child)
+    with pytest.raises(ConfigError, match="method 'stranger'.*not a subclass of Base"):
+        typed.add("stranger", int)
+    with pytest.raises(ConfigError, match="not a subclass"):
+        typed.add("instance", Child())
+    untyped: Registry[object] = Registry("model")
+    with pytest.raises(ConfigError, match="model 'seven'.*not callable"):
+        untyped.add("seven", 7)
 
 
 def test_glob_listing():
     registry: Registry[object] = Registry("model")
     for name in ("ConvNet", "ConvNetBN", "ResNet18"):
-        registry.add(name, object())
+        registry.add(name, dict)
     assert registry.names("convnet*") == ["ConvNet", "ConvNetBN"]
 
 
@@ -57,7 +75,7 @@ def test_entry_point_plugins_are_loaded(monkeypatch):
     module = types.ModuleType("fake_plugin")
 
     def load_plugin():
-        registry.add("plugged", "ok")
+        registry.add("plugged", str)
         return module
 
     class FakeEntry:
@@ -70,4 +88,4 @@ def test_entry_point_plugins_are_loaded(monkeypatch):
     monkeypatch.setattr("dd_bench.registry.entry_points",
                         lambda group: [FakeEntry()] if group == "dd_bench.test_group" else [])
     monkeypatch.setitem(sys.modules, "fake_plugin", module)
-    assert registry.get("plugged") == "ok"
+    assert registry.get("plugged") is str

@@ -20,11 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dd_bench.measure import resolve_device
+from dd_bench.run.measure import resolve_device
 from dd_bench.method import RunContext, create_method
-from dd_bench.models import create_model
+from dd_bench.nets import create_model
 from dd_bench.seeding import seed_everything
-from methods.dc import match_loss
+from dd_bench.methods.dc import match_loss
 
 pytestmark = pytest.mark.perf
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dd_bench.method import RunContext, create_method
-from dd_bench.models import create_model
+from dd_bench.nets import create_model
 from dd_bench.seeding import seed_everything
 
 pytestmark = pytest.mark.perf

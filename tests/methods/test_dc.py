@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from dd_bench.errors import ConfigError
-from dd_bench.evaluate import EvalProtocol, evaluate
+from dd_bench.eval.evaluate import EvalProtocol, evaluate
 from dd_bench.method import METHODS, RunContext, create_method
-from dd_bench.models import create_model
+from dd_bench.nets import create_model
 from dd_bench.seeding import seed_everything
-from methods.dc import DC, DSA, DCConfig, DSAConfig, distance_wb, get_loops, match_loss
+from dd_bench.methods.dc import DC, DSA, DCConfig, DSAConfig, distance_wb, get_loops, match_loss
 
 TINY = {"batch_real": 32, "model": "ConvNetW32", "compile": False}
 
@@ -38,8 +38,8 @@ def test_dc_and_dsa_are_registered() -> None:
     assert METHODS.get("dc") is DC
     assert METHODS.get("gradient_matching") is DC
     assert METHODS.get("dsa") is DSA
-    assert DC.paper_eval_augment == "none"
-    assert DSA.paper_eval_augment == "dsa"
+    assert DC.paper_protocol == "dc"
+    assert DSA.paper_protocol == "dsa"
 
 
 def test_config_defaults_are_the_papers() -> None:

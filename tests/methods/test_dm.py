@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from dd_bench.errors import ConfigError
-from dd_bench.evaluate import EvalProtocol, evaluate
+from dd_bench.eval.evaluate import EvalProtocol, evaluate
 from dd_bench.method import METHODS, RunContext, SyntheticSet, create_method
-from dd_bench.models import create_model
+from dd_bench.nets import create_model
 from dd_bench.seeding import seed_everything
-from methods.dm import DM, DMConfig, matching_loss, real_class_means, uses_batch_statistics
+from dd_bench.methods.dm import DM, DMConfig, matching_loss, real_class_means, uses_batch_statistics
 
 SMALL_NET = "ConvNetW32"
 
@@ -46,7 +46,7 @@ def _class_sorted_real(data, per_class: int, seed: int = 0) -> torch.Tensor:
 def test_registered_under_both_names_with_paper_defaults():
     assert METHODS.get("dm") is DM
     assert METHODS.get("distribution_matching") is DM
-    assert DM.paper_eval_augment == "dsa"
+    assert DM.paper_protocol == "dm"
     config = create_method("dm").config
     assert config == DMConfig()
     assert (config.model, config.lr_img, config.momentum_img, config.batch_real, config.init, config.dsa,

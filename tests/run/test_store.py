@@ -1,7 +1,7 @@
 import json
 import os
 
-from dd_bench.results import CellResult, ResultStore
+from dd_bench.run.store import CellResult, ResultStore
 
 
 def _record(cell_id: str, status: str = "ok", **extra) -> CellResult:

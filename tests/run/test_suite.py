@@ -1,7 +1,7 @@
 import pytest
 
 from dd_bench.errors import ConfigError
-from dd_bench.suite import load_suite
+from dd_bench.run.suite import load_suite
 
 
 def test_grid_and_resolved_params(write_suite):
@@ -60,7 +60,7 @@ def test_invalid_yaml_and_missing_file(write_suite, tmp_path):
 def test_shipped_suites_are_valid():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent / "suites"
+    root = Path(__file__).resolve().parents[2] / "suites"
     paths = sorted(root.rglob("*.yaml"))
     assert paths
     for path in paths:

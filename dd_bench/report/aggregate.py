@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 
-from dd_bench.results import ResultStore
+from dd_bench.errors import ConfigError
+from dd_bench.run.store import ResultStore
 
 log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "report.json"
 
 REFERENCE_METHODS = ("random", "full")
 IPC_FREE_METHODS = ("full",)
@@ -273,3 +277,56 @@ def failure_lines(frame: pd.DataFrame) -> list[str]:
     failed = frame[frame["status"] == FAILED]
     return [f"FAILED {r.label} {r.dataset} ipc={r.ipc} seed={r.seed} [{r.group}]: {r.error}"
             for r in failed.itertuples()]
+
+
+# -- the report -----------------------------------------------------------------------------
+@dataclass
+class Report:
+    """Everything the renderers and plots need, aggregated once from the store."""
+
+    directory: Path
+    frame: pd.DataFrame
+    cells: pd.DataFrame
+    cost: pd.DataFrame
+    curves: pd.DataFrame
+    speedup_vs: str | None
+    interpolate: bool
+
+    @property
+    def groups(self) -> list[str]:
+        return list(dict.fromkeys(self.frame["group"]))
+
+
+def build_report(directory: str | Path, speedup_vs: str | None = None, interpolate: bool = False) -> Report | None:
+    """Aggregate the store (None when it holds no records); ``speedup_vs`` must be a method label."""
+    directory = Path(directory)
+    frame = store_frame(directory)
+    if frame.empty:
+        return None
+    if speedup_vs is not None and speedup_vs not in set(frame["label"]):
+        by_name = frame[frame["method"] == speedup_vs]["label"].unique()
+        if len(by_name) != 1:
+            raise ConfigError(f"speedup_vs: {speedup_vs!r} is not a method in {directory} "
+                              f"(available: {', '.join(method_order(frame))})")
+        speedup_vs = str(by_name[0])
+    cells = accuracy_cells(frame)
+    return Report(directory, frame, cells, cost_frame(frame, cells, speedup_vs, interpolate), curve_frame(frame),
+                  speedup_vs, interpolate)
+
+
+def stored_speedup_vs(directory: str | Path) -> str | None:
+    """The reference method saved by an earlier ``write_report`` (so a later run reuses it)."""
+    path = Path(directory) / SETTINGS_FILE
+    return json.loads(path.read_text()).get("speedup_vs") if path.exists() else None
+
+
+def speedup_vs_from_suite(path: str | Path) -> str | None:
+    """``report.speedup_vs`` of a suite YAML file (None when absent)."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise ConfigError(f"suite: file not found: {path}")
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    return ((raw.get("report") or {}) if isinstance(raw, dict) else {}).get("speedup_vs")
+
+

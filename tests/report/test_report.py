@@ -1,4 +1,4 @@
-"""Tests for dd_bench.report (tables), dd_bench.plots and dd_bench.grids on a hand-built store.
+"""Tests for dd_bench.report (tables), dd_bench.report.plots and dd_bench.report.grids on a hand-built store.
 
 The store below is written record by record with known accuracies and times, so every number
 the report shows can be checked against arithmetic done by hand in the comments.
@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 import torch
 
-from dd_bench.aggregate import time_to_accuracy
+from dd_bench.report.aggregate import time_to_accuracy
 from dd_bench.cli import main
-from dd_bench.grids import to_pixels
+from dd_bench.report.grids import to_pixels
 from dd_bench.method import SyntheticSet
 from dd_bench.report import build_report, summary, write_report
-from dd_bench.results import ResultStore
+from dd_bench.run.store import ResultStore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NUM_CLASSES = 3

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dd_bench import allocator
+from dd_bench.run import allocator
 
 pytestmark = pytest.mark.skipif(allocator._glibc() is None, reason="glibc only")
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(allocator._glibc() is None, reason="glibc only")
 # ten warm-up rounds in which the heap settles, and reports the page faults that cost.
 _PROBE = """
 import json, resource, torch
-from dd_bench.allocator import tune_cpu_allocator
+from dd_bench.run.allocator import tune_cpu_allocator
 state = tune_cpu_allocator()
 for _ in range(10):
     torch.ones(2**24)
@@ -52,7 +52,7 @@ def test_worker_environment_matches_and_opt_out_empties_it(monkeypatch):
 
 
 def test_results_record_the_setting():
-    from dd_bench.measure import environment
+    from dd_bench.run.measure import environment
 
     assert environment()["cpu_allocator"] == allocator.allocator_state() != "default"
 

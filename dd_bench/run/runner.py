@@ -17,15 +17,16 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from dd_bench.allocator import tune_cpu_allocator
-from dd_bench.artifacts import prepare_method
+from dd_bench.run.allocator import tune_cpu_allocator
+from dd_bench.run.artifacts import prepare_method
 from dd_bench.errors import ConfigError
-from dd_bench.evaluate import EvalProtocol, evaluate
-from dd_bench.measure import PeakMemory, Stopwatch, describe_device, environment, resolve_device
+from dd_bench.eval.evaluate import EvalProtocol, evaluate
+from dd_bench.run.measure import PeakMemory, Stopwatch, describe_device, environment, resolve_device
 from dd_bench.method import Method, RunContext, SyntheticSet, create_method
-from dd_bench.results import CellResult, ResultStore
+from dd_bench.run.store import CellResult, ResultStore
 from dd_bench.seeding import derive_seed, seed_everything
-from dd_bench.suite import Budget, Cell, Suite
+from dd_bench.budget import Budget
+from dd_bench.run.suite import Cell, Suite
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,9 @@ def _run_cell_phases(cell: Cell, options: RunOptions, device: torch.device, stor
     record.dataset_info = data.describe()
     method = create_method(cell.method, cell.params)
     ctx = RunContext(device=device, seed=cell.seed)
-    protocol = cell.protocol.resolved(method.paper_eval_augment, data.dsa_strategy)
+    # Interim until the protocol presets land: DC's paper evaluates without augmentation, the others with DSA.
+    paper_augment = "none" if method.paper_protocol == "dc" else "dsa"
+    protocol = cell.protocol.resolved(paper_augment, data.dsa_strategy)
     record.protocol = protocol.to_dict()
     record.protocol_text = protocol.describe()
     record.memory_kind = "cuda_allocated" if device.type == "cuda" else "process_rss"

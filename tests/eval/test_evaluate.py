@@ -1,7 +1,7 @@
 import torch
 
-import dd_bench.evaluate as evaluate_module
-from dd_bench.evaluate import EvalProtocol, evaluate
+import dd_bench.eval.evaluate as evaluate_module
+from dd_bench.eval.evaluate import EvalProtocol, evaluate
 from dd_bench.method import SyntheticSet
 
 FAST = EvalProtocol(epochs=10, runs=2, batch_size=25, augment="none")

@@ -18,47 +18,19 @@ from typing import Any, Literal
 
 import yaml
 
+from dd_bench.budget import Budget
+from dd_bench.data import DATASETS
 from dd_bench.errors import ConfigError
-from dd_bench.evaluate import EvalProtocol
-from dd_bench.method import METHODS, build_config, create_method
+from dd_bench.eval.evaluate import EvalProtocol
+from dd_bench.config import build_config
+from dd_bench.method import METHODS, create_method
+from dd_bench.nets import MODELS
 
 SUITE_KEYS = {
     "name", "description", "executor", "device", "data", "datasets", "ipc", "seeds", "budget",
     "protocol", "methods", "ray", "report",
 }
 METHOD_KEYS = {"name", "label", "params", "ipc"}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much distillation each cell gets: ``steps`` and/or ``seconds`` (whichever ends first).
-
-    One step is one update of the synthetic data (DESIGN.md). ``snapshot_every`` takes a copy of
-    the synthetic set every so many steps, evaluated after distillation for accuracy-vs-steps
-    curves and time-to-accuracy; its cost is excluded from the distillation time.
-    """
-
-    steps: int | None = None
-    seconds: float | None = None
-    snapshot_every: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.steps is None and self.seconds is None:
-            raise ConfigError("budget: give steps or seconds (or both)")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0):
-            raise ConfigError(f"budget.steps: invalid value {self.steps!r} (expected an integer >= 0)")
-        if self.seconds is not None and not self.seconds > 0:
-            raise ConfigError(f"budget.seconds: invalid value {self.seconds!r} (expected > 0)")
-        if self.snapshot_every is not None and (not isinstance(self.snapshot_every, int) or self.snapshot_every < 1):
-            raise ConfigError(f"budget.snapshot_every: invalid value {self.snapshot_every!r} (expected an integer >= 1)")
-
-    def describe(self) -> str:
-        parts = []
-        if self.steps is not None:
-            parts.append(f"{self.steps} steps")
-        if self.seconds is not None:
-            parts.append(f"{self.seconds:g} s")
-        return " or ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -199,8 +171,6 @@ def parse_suite(raw: Any, default_name: str = "suite", path: str | None = None) 
         raise ConfigError(f"device: invalid value {device!r} (expected auto, cpu or cuda[:N])")
 
     datasets = tuple(_names(raw.get("datasets"), "datasets"))
-    from dd_bench.data import DATASETS
-
     for i, dataset in enumerate(datasets):
         if dataset not in DATASETS:
             raise ConfigError(f"datasets[{i}]: unknown dataset {dataset!r}. Available: {', '.join(DATASETS.names())}")
@@ -210,8 +180,6 @@ def parse_suite(raw: Any, default_name: str = "suite", path: str | None = None) 
     seeds = _ints(raw.get("seeds", [0]), "seeds")
     budget = _section(Budget, raw.get("budget"), "budget", required=True)
     protocol = _section(EvalProtocol, raw.get("protocol", {}), "protocol")
-    from dd_bench.models import MODELS
-
     if protocol.model not in MODELS:
         raise ConfigError(f"protocol.model: unknown model {protocol.model!r}. Available: {', '.join(MODELS.names())}")
     data = _section(DataConfig, raw.get("data", {}), "data")

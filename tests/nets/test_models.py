@@ -1,4 +1,4 @@
-"""dd_bench.models: the DD-specific architectures (PROTOCOL.md §1.1, §1.2)."""
+"""dd_bench.nets: the DD-specific architectures (PROTOCOL.md §1.1, §1.2)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dd_bench.errors import ConfigError, UnknownNameError
-from dd_bench.models import MODELS, ConvNet, create_model, has_batchnorm, list_models
+from dd_bench.nets import MODELS, ConvNet, create_model, has_batchnorm, list_models
 
 GREY_28 = (1, (28, 28))  # MNIST / FashionMNIST
 RGB_32 = (3, (32, 32))  # CIFAR / SVHN
@@ -156,7 +156,7 @@ def test_cpu_fast_path_equals_the_plain_modules_including_double_backward(name, 
 
 
 def test_avg_pool_2x2_matches_torch_including_odd_sizes():
-    from dd_bench.models import avg_pool_2x2
+    from dd_bench.nets.cpu_fast import avg_pool_2x2
 
     for shape in ((2, 3, 8, 8), (2, 3, 7, 9)):
         x = torch.randn(shape)
@@ -164,8 +164,8 @@ def test_avg_pool_2x2_matches_torch_including_odd_sizes():
 
 
 def test_standard_layout_undoes_the_channels_last_strides_of_dsa_crop():
-    from dd_bench.augment import DSA
-    from dd_bench.models import standard_layout
+    from dd_bench.data.dsa import DSA
+    from dd_bench.nets import standard_layout
 
     cropped = DSA("crop")(torch.randn(4, 1, 28, 28), generator=torch.Generator().manual_seed(0), siamese=True)
     fixed = standard_layout(cropped)

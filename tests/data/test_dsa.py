@@ -1,4 +1,4 @@
-"""Tests for dd_bench.augment: DSA families, Siamese sharing, per-image mode (PROTOCOL §4)."""
+"""Tests for dd_bench.data.dsa: DSA families, Siamese sharing, per-image mode (PROTOCOL §4)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dd_bench.augment import DEFAULT_STRATEGY, DSA, FAMILIES, AugmentDraw, DSAParams, strategy_tokens
+from dd_bench.data.dsa import DEFAULT_STRATEGY, DSA, FAMILIES, AugmentDraw, DSAParams, strategy_tokens
 from dd_bench.errors import ConfigError
 
 RANDOM_FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")

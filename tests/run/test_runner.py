@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from dd_bench.method import Method, RunContext, SyntheticSet, register_method
-from dd_bench.results import ResultStore
-from dd_bench.runner import RunOptions, execute_cell, run_suite
-from dd_bench.suite import load_suite
+from dd_bench.run.store import ResultStore
+from dd_bench.run.runner import RunOptions, execute_cell, run_suite
+from dd_bench.run.suite import load_suite
 
 
 @register_method("test_raises")

@@ -26,18 +26,18 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from dd_bench.results import ResultStore
-from dd_bench.runner import RunOptions, run_suite
-from dd_bench.suite import load_suite
+from dd_bench.run.store import ResultStore
+from dd_bench.run.runner import RunOptions, run_suite
+from dd_bench.run.suite import load_suite
 
 ray = pytest.importorskip("ray")
 
 from dd_bench.errors import ConfigError  # noqa: E402
-from dd_bench.ray_executor import (  # noqa: E402
+from dd_bench.run.ray_executor import (  # noqa: E402
     RECORD_KEY, TUNE_DIR, _check_resources, _StoreRecorder, _trial_device, make_ray_executor)
-from dd_bench.results import CellResult  # noqa: E402
+from dd_bench.run.store import CellResult  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parent.parent / "fixtures"
 RAISES_MESSAGE = "test_raises: deliberate failure in init"  # as in fixtures/ray_fixture_methods.py
 
 PROTOCOL = {"model": "ConvNet", "epochs": 2, "runs": 1, "augment": "none", "test_batch_size": 500}

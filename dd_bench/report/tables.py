@@ -1,45 +1,23 @@
 """Report files from the result store: tables (Markdown, LaTeX, CSV), plots and image grids.
 
-``dd_bench.aggregate`` turns records into frames; this module renders them and writes
+``dd_bench.report.aggregate`` turns records into frames; this module renders them and writes
 ``table.*`` and ``cost.*`` (and, through ``plots`` and ``grids``, the figures).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from dd_bench.aggregate import (FAILED, NOT_REACHED, PARTIAL, accuracy_cells, accuracy_wide, cell_text, cost_frame,
-                                curve_frame, failure_lines, method_order, protocol_line, store_frame)
-from dd_bench.errors import ConfigError
+from dd_bench.report.aggregate import (FAILED, NOT_REACHED, PARTIAL, Report, accuracy_wide, build_report, cell_text,
+                                       failure_lines, protocol_line, stored_speedup_vs)
 
 log = logging.getLogger(__name__)
 
-SETTINGS_FILE = "report.json"
-
-
-# -- the report -----------------------------------------------------------------------------
-@dataclass
-class Report:
-    """Everything the renderers and plots need, aggregated once from the store."""
-
-    directory: Path
-    frame: pd.DataFrame
-    cells: pd.DataFrame
-    cost: pd.DataFrame
-    curves: pd.DataFrame
-    speedup_vs: str | None
-    interpolate: bool
-
-    @property
-    def groups(self) -> list[str]:
-        return list(dict.fromkeys(self.frame["group"]))
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -182,66 +160,6 @@ def write_tables(report: Report) -> list[Path]:
     _with_protocol(report, report.cells).to_csv(d / "table.csv", index=False)
     _with_protocol(report, report.cost).to_csv(d / "cost.csv", index=False)
     return [*files, d / "table.csv", d / "cost.csv"]
-
-
-def build_report(directory: str | Path, speedup_vs: str | None = None, interpolate: bool = False) -> Report | None:
-    """Aggregate the store (None when it holds no records); ``speedup_vs`` must be a method label."""
-    directory = Path(directory)
-    frame = store_frame(directory)
-    if frame.empty:
-        return None
-    if speedup_vs is not None and speedup_vs not in set(frame["label"]):
-        by_name = frame[frame["method"] == speedup_vs]["label"].unique()
-        if len(by_name) != 1:
-            raise ConfigError(f"speedup_vs: {speedup_vs!r} is not a method in {directory} "
-                              f"(available: {', '.join(method_order(frame))})")
-        speedup_vs = str(by_name[0])
-    cells = accuracy_cells(frame)
-    return Report(directory, frame, cells, cost_frame(frame, cells, speedup_vs, interpolate), curve_frame(frame),
-                  speedup_vs, interpolate)
-
-
-def stored_speedup_vs(directory: str | Path) -> str | None:
-    """The reference method saved by an earlier ``write_report`` (so a later run reuses it)."""
-    path = Path(directory) / SETTINGS_FILE
-    return json.loads(path.read_text()).get("speedup_vs") if path.exists() else None
-
-
-def speedup_vs_from_suite(path: str | Path) -> str | None:
-    """``report.speedup_vs`` of a suite YAML file (None when absent)."""
-    import yaml
-
-    if not Path(path).is_file():
-        raise ConfigError(f"suite: file not found: {path}")
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    return ((raw.get("report") or {}) if isinstance(raw, dict) else {}).get("speedup_vs")
-
-
-def write_report(directory: str | Path, speedup_vs: str | None = None, *, plots: bool = True, grids: bool = True,
-                 data_root: str | Path = "data", interpolate: bool = False) -> list[Path]:
-    """Write tables, plots and image grids into ``directory``; returns the files written.
-
-    ``speedup_vs`` (a method label) is saved in ``report.json`` and reused when not given.
-    """
-    directory = Path(directory)
-    speedup_vs = speedup_vs or stored_speedup_vs(directory)
-    report = build_report(directory, speedup_vs, interpolate)
-    if report is None:
-        log.warning("report: no records in %s", directory)
-        return []
-    if report.speedup_vs:
-        (directory / SETTINGS_FILE).write_text(json.dumps({"speedup_vs": report.speedup_vs}, indent=1) + "\n")
-    written = write_tables(report)
-    if plots:
-        from dd_bench.plots import write_plots
-
-        written += write_plots(report, directory / "plots")
-    if grids:
-        from dd_bench.grids import write_grids
-
-        written += write_grids(report.frame, directory, directory / "grids", data_root=data_root)
-    log.info("report: wrote %d files under %s", len(written), directory)
-    return written
 
 
 def summary(directory: str | Path, speedup_vs: str | None = None) -> str:

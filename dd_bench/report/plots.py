@@ -1,6 +1,6 @@
 """Figures of a report (PNG and PDF): accuracy vs wall-clock, accuracy vs steps, speedup, cross-architecture.
 
-Draws what ``dd_bench.aggregate`` aggregated; computes nothing new. Figures are built on
+Draws what ``dd_bench.report.aggregate`` aggregated; computes nothing new. Figures are built on
 ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no display, no global state);
 seaborn supplies the style, bars and heat maps. Each figure has one panel per (dataset, IPC),
 and the protocol line printed beneath it, as under every table.
@@ -12,7 +12,7 @@ import logging
 import re
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -21,10 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from dd_bench.aggregate import method_order, protocol_line
-
-if TYPE_CHECKING:
-    from dd_bench.report import Report
+from dd_bench.report.aggregate import Report, method_order, protocol_line
 
 log = logging.getLogger(__name__)
 

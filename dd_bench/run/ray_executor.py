@@ -38,11 +38,11 @@ from typing import Any
 
 from ray.tune import Callback
 
-from dd_bench.allocator import allocator_env
+from dd_bench.run.allocator import allocator_env
 from dd_bench.errors import ConfigError
-from dd_bench.results import CellResult, ResultStore, finite_json
-from dd_bench.runner import Executor, RunOptions, execute_cell
-from dd_bench.suite import Cell, Suite
+from dd_bench.run.store import CellResult, ResultStore, finite_json
+from dd_bench.run.runner import Executor, RunOptions, execute_cell
+from dd_bench.run.suite import Cell, Suite
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ _RAY_ENV = {
     # Tune's classic reporter: one compact table (cell, status, accuracy) instead of a box per
     # trial start and result, which would also show the record's JSON.
     "RAY_AIR_NEW_OUTPUT": "0",
-    # The CPU allocator setting every cell runs under (dd_bench.allocator), from process start.
+    # The CPU allocator setting every cell runs under (dd_bench.run.allocator), from process start.
     **allocator_env(),
 }
 
@@ -230,7 +230,7 @@ def _plugin_modules() -> list[str]:
     point) that workers must import too: a fresh worker process only knows the built-in ones."""
     from dd_bench.data import DATASETS
     from dd_bench.method import METHODS
-    from dd_bench.models import MODELS
+    from dd_bench.nets import MODELS
 
     modules = set()
     for registry in (METHODS, DATASETS, MODELS):

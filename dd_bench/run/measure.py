@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dd_bench.allocator import allocator_state, release_free_memory
+from dd_bench.run.allocator import allocator_state, release_free_memory
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from dd_bench.measure import Stopwatch
+from dd_bench.run.measure import Stopwatch
 from dd_bench.method import Method, RunContext
 
 log = logging.getLogger(__name__)

@@ -7,16 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dd_bench.data import (
-    DATASETS,
-    DEBIAN_FASHION_MNIST,
-    DSA_NO_FLIP,
-    DSA_WITH_FLIP,
-    PROTOCOL_CONSTANTS,
-    ZCA,
-    Dataset,
-    load_dataset,
-)
+from dd_bench.data import DATASETS, ZCA, Dataset, load_dataset
+from dd_bench.data.dataset import DSA_NO_FLIP, DSA_WITH_FLIP
+from dd_bench.data.loaders import DEBIAN_FASHION_MNIST, PROTOCOL_CONSTANTS
 from dd_bench.errors import DataMissingError, UnknownNameError
 
 
@@ -153,7 +146,7 @@ def test_missing_data_is_one_clear_line(tmp_path: Path) -> None:
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dd_bench.data.DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setattr("dd_bench.data.loaders.DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
     with pytest.raises(DataMissingError) as info:
         load_dataset("fashion_mnist", root=tmp_path / "data")
     message = str(info.value)

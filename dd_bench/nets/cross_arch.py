@@ -1,6 +1,6 @@
 """The cross-architecture nets of PROTOCOL §1.2 (MLP, LeNet, AlexNet, VGG11, ResNet18 and their
-BN / avg-pool variants), as the distillation papers define them; registered in ``MODELS`` when
-``dd_bench.models`` is imported. See ``dd_bench.models`` for the departures shared with ConvNet.
+BN / avg-pool variants), as the distillation papers define them. See ``dd_bench.nets.convnet``
+for the departures shared with ConvNet.
 """
 
 from __future__ import annotations
@@ -11,14 +11,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dd_bench.models import MODELS, _build, _check_spatial, _choice, _Classifier, _is_28_grey, _norm2d, _size2
+from dd_bench.nets.layers import Classifier, check_spatial, choice, is_28_grey, norm2d
+from dd_bench.nets.registry import build_with_options, register_model, size2
 
-class MLP(_Classifier):
+
+class MLP(Classifier):
     """flatten -> Linear(C*H*W, 128) -> ReLU -> Linear(128, 128) -> ReLU -> Linear(128, K); no norm."""
 
     def __init__(self, channels: int, num_classes: int, image_size: tuple[int, int] = (32, 32)):
         super().__init__()
-        height, width = _size2(image_size)
+        height, width = size2(image_size)
         self.body = nn.Sequential(
             nn.Flatten(), nn.Linear(channels * height * width, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU()
         )
@@ -29,7 +31,7 @@ class MLP(_Classifier):
         return self.body(x)
 
 
-class LeNet(_Classifier):
+class LeNet(Classifier):
     """Conv5(6) -> ReLU -> MaxPool -> Conv5(16) -> ReLU -> MaxPool -> FC 120 -> 84 -> K; no norm.
 
     The first conv pads by 2 on 28x28 grey input so the map is 16x5x5 = 400 as at 32 px.
@@ -38,10 +40,10 @@ class LeNet(_Classifier):
 
     def __init__(self, channels: int, num_classes: int, image_size: tuple[int, int] = (32, 32)):
         super().__init__()
-        image_size = _size2(image_size)
-        padding = 2 if _is_28_grey(channels, image_size) else 0
+        image_size = size2(image_size)
+        padding = 2 if is_28_grey(channels, image_size) else 0
         height, width = (((s + 2 * padding - 4) // 2 - 4) // 2 for s in image_size)
-        _check_spatial("LeNet", (height, width), image_size)
+        check_spatial("LeNet", (height, width), image_size)
         # fmt: off
         self.features = nn.Sequential(
             nn.Conv2d(channels, 6, kernel_size=5, padding=padding), nn.ReLU(), nn.MaxPool2d(2, 2),
@@ -57,7 +59,7 @@ class LeNet(_Classifier):
         return self.features(x)
 
 
-class AlexNet(_Classifier):
+class AlexNet(Classifier):
     """DC's AlexNet: five convs (128, 192, 256, 192, 192), three max-pools, one Linear.
 
     No norm by default; ``norm="batchnorm"`` (AlexNetBN) adds BatchNorm2d after every conv.
@@ -66,10 +68,10 @@ class AlexNet(_Classifier):
 
     def __init__(self, channels: int, num_classes: int, image_size: tuple[int, int] = (32, 32), norm: str = "none"):
         super().__init__()
-        image_size = _size2(image_size)
-        self.norm = _choice("norm", norm, ("none", "batchnorm"))
+        image_size = size2(image_size)
+        self.norm = choice("norm", norm, ("none", "batchnorm"))
         spec = [  # (out channels, kernel, padding, max-pool after)
-            (128, 5, 4 if _is_28_grey(channels, image_size) else 2, True),
+            (128, 5, 4 if is_28_grey(channels, image_size) else 2, True),
             (192, 5, 2, True),
             (256, 3, 1, False),
             (192, 3, 1, False),
@@ -87,7 +89,7 @@ class AlexNet(_Classifier):
                 layers.append(nn.MaxPool2d(2, 2))
                 height, width = height // 2, width // 2
             in_channels = out_channels
-        _check_spatial("AlexNet", (height, width), image_size)
+        check_spatial("AlexNet", (height, width), image_size)
         self.features = nn.Sequential(*layers)
         self.feature_dim = 192 * height * width
         self.classifier = nn.Linear(self.feature_dim, num_classes)
@@ -99,7 +101,7 @@ class AlexNet(_Classifier):
 _VGG11_CFG: list[int | str] = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 
 
-class VGG11(_Classifier):
+class VGG11(Classifier):
     """VGG11 as in DC: 3x3 conv -> norm -> ReLU per entry, max-pool at "M", then Linear(512, K).
 
     Norm is instance norm (GroupNorm(C, C)) by default, BatchNorm2d for VGG11BN. The first conv
@@ -111,8 +113,8 @@ class VGG11(_Classifier):
         self, channels: int, num_classes: int, image_size: tuple[int, int] = (32, 32), norm: str = "instancenorm"
     ):
         super().__init__()
-        image_size = _size2(image_size)
-        self.norm = _choice("norm", norm, ("instancenorm", "batchnorm"))
+        image_size = size2(image_size)
+        self.norm = choice("norm", norm, ("instancenorm", "batchnorm"))
         layers: list[nn.Module] = []
         in_channels, (height, width) = channels, image_size
         for index, entry in enumerate(_VGG11_CFG):
@@ -120,12 +122,12 @@ class VGG11(_Classifier):
                 layers.append(nn.MaxPool2d(2, 2))
                 height, width = height // 2, width // 2
                 continue
-            padding = 3 if index == 0 and _is_28_grey(channels, image_size) else 1
+            padding = 3 if index == 0 and is_28_grey(channels, image_size) else 1
             layers += [nn.Conv2d(in_channels, int(entry), kernel_size=3, padding=padding)]
-            layers += [_norm2d(self.norm, int(entry), (height, width)), nn.ReLU()]
+            layers += [norm2d(self.norm, int(entry), (height, width)), nn.ReLU()]
             height, width = height + 2 * padding - 2, width + 2 * padding - 2
             in_channels = int(entry)
-        _check_spatial("VGG11", (height, width), image_size)
+        check_spatial("VGG11", (height, width), image_size)
         self.features = nn.Sequential(*layers)
         self.feature_dim = 512 * height * width
         self.classifier = nn.Linear(self.feature_dim, num_classes)
@@ -142,16 +144,16 @@ class BasicBlock(nn.Module):
         super().__init__()
         conv_stride = 1 if avgpool_downsample else stride
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=conv_stride, padding=1, bias=False)
-        self.bn1 = _norm2d(norm, planes, (0, 0))
+        self.bn1 = norm2d(norm, planes, (0, 0))
         self.pool = nn.AvgPool2d(2, 2) if avgpool_downsample and stride != 1 else nn.Identity()
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = _norm2d(norm, planes, (0, 0))
+        self.bn2 = norm2d(norm, planes, (0, 0))
         self.shortcut: nn.Module = nn.Sequential()
         if stride != 1 or in_planes != planes:
             shortcut: list[nn.Module] = [nn.Conv2d(in_planes, planes, 1, stride=conv_stride, bias=False)]
             if avgpool_downsample:
                 shortcut.append(nn.AvgPool2d(2, 2))
-            self.shortcut = nn.Sequential(*shortcut, _norm2d(norm, planes, (0, 0)))
+            self.shortcut = nn.Sequential(*shortcut, norm2d(norm, planes, (0, 0)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pool(F.relu(self.bn1(self.conv1(x))))
@@ -159,7 +161,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet18(_Classifier):
+class ResNet18(Classifier):
     """DC's ResNet18: 3x3 stride-1 stem, no max-pool, BasicBlock [2, 2, 2, 2] (64-512), one Linear.
 
     Norm is instance norm (GroupNorm(C, C)) by default, BatchNorm2d for the BN variants.
@@ -177,11 +179,11 @@ class ResNet18(_Classifier):
         avgpool_downsample: bool = False,
     ):
         super().__init__()
-        image_size = _size2(image_size)
-        self.norm = _choice("norm", norm, ("instancenorm", "batchnorm"))
+        image_size = size2(image_size)
+        self.norm = choice("norm", norm, ("instancenorm", "batchnorm"))
         self.avgpool_downsample = bool(avgpool_downsample)
         self.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
-        self.bn1 = _norm2d(self.norm, 64, (0, 0))
+        self.bn1 = norm2d(self.norm, 64, (0, 0))
         stages, in_planes = [], 64
         for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             blocks = [BasicBlock(in_planes, planes, stride, self.norm, self.avgpool_downsample)]
@@ -193,7 +195,7 @@ class ResNet18(_Classifier):
             height, width = (s // 8 for s in image_size)
         else:  # stride-2 3x3 conv with padding 1 rounds up: 28 -> 14 -> 7 -> 4, then avg_pool(4)
             height, width = ((-(-s // 8)) // 4 for s in image_size)
-        _check_spatial("ResNet18", (height, width), image_size)
+        check_spatial("ResNet18", (height, width), image_size)
         self.feature_dim = 512 * height * width
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
@@ -205,24 +207,69 @@ class ResNet18(_Classifier):
         return out.flatten(1)
 
 
-def _register_fixed(name: str, cls: type[nn.Module], preset: dict[str, Any], *aliases: str) -> None:
-    """Register a named configuration of ``cls``; these nets take no overrides."""
-
-    def factory(channels: int, num_classes: int, image_size: tuple[int, int], **overrides: Any) -> nn.Module:
-        return _build(name, cls, channels, num_classes, image_size, preset, overrides, ())
-
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"{cls.__name__} with {preset or 'the defaults'} (PROTOCOL §1.2)."
-    MODELS.add(name, factory, *aliases)
+def _fixed(name: str, cls: type[nn.Module], channels: int, num_classes: int, image_size: tuple[int, int],
+           overrides: dict[str, Any], **preset: Any) -> nn.Module:
+    """These nets take no overrides: each named variant is the whole configuration."""
+    return build_with_options(name, cls, channels, num_classes, image_size, preset, overrides, ())
 
 
-_register_fixed("MLP", MLP, {})
-_register_fixed("LeNet", LeNet, {})
-_register_fixed("AlexNet", AlexNet, {})
-_register_fixed("AlexNetBN", AlexNet, {"norm": "batchnorm"})
-_register_fixed("VGG11", VGG11, {})
-_register_fixed("VGG11BN", VGG11, {"norm": "batchnorm"})
-_register_fixed("ResNet18", ResNet18, {})
-_register_fixed("ResNet18BN", ResNet18, {"norm": "batchnorm"})
-_register_fixed("ResNet18_AP", ResNet18, {"avgpool_downsample": True})
-_register_fixed("ResNet18BN_AP", ResNet18, {"norm": "batchnorm", "avgpool_downsample": True})
+# -- the named nets of PROTOCOL §1.2 ---------------------------------------------------------
+@register_model("MLP")
+def mlp(channels: int, num_classes: int, image_size: tuple[int, int], **overrides: Any) -> nn.Module:
+    """MLP: two hidden layers of 128, no norm."""
+    return _fixed("MLP", MLP, channels, num_classes, image_size, overrides)
+
+
+@register_model("LeNet")
+def lenet(channels: int, num_classes: int, image_size: tuple[int, int], **overrides: Any) -> nn.Module:
+    """LeNet-5 as in DC, no norm."""
+    return _fixed("LeNet", LeNet, channels, num_classes, image_size, overrides)
+
+
+@register_model("AlexNet")
+def alexnet(channels: int, num_classes: int, image_size: tuple[int, int], **overrides: Any) -> nn.Module:
+    """DC's AlexNet, no norm."""
+    return _fixed("AlexNet", AlexNet, channels, num_classes, image_size, overrides)
+
+
+@register_model("AlexNetBN")
+def alexnet_bn(channels: int, num_classes: int, image_size: tuple[int, int], **overrides: Any) -> nn.Module:
+    """DC's AlexNet with BatchNorm after every conv."""
+    return _fixed("AlexNetBN", AlexNet, channels, num_classes, image_size, overrides, norm="batchnorm")
+
+
+@register_model("VGG11")
+def vgg11(channels: int, num_classes: int, image_size: tuple[int, int], **overrides: Any) -> nn.Module:
+    """VGG11 with instance norm, as in DC."""
+    return _fixed("VGG11", VGG11, channels, num_classes, image_size, overrides)
+
+
+@register_model("VGG11BN")
+def vgg11_bn(channels: int, num_classes: int, image_size: tuple[int, int], **overrides: Any) -> nn.Module:
+    """VGG11 with BatchNorm."""
+    return _fixed("VGG11BN", VGG11, channels, num_classes, image_size, overrides, norm="batchnorm")
+
+
+@register_model("ResNet18")
+def resnet18(channels: int, num_classes: int, image_size: tuple[int, int], **overrides: Any) -> nn.Module:
+    """DC's ResNet18 with instance norm (3x3 stride-1 stem, no max-pool)."""
+    return _fixed("ResNet18", ResNet18, channels, num_classes, image_size, overrides)
+
+
+@register_model("ResNet18BN")
+def resnet18_bn(channels: int, num_classes: int, image_size: tuple[int, int], **overrides: Any) -> nn.Module:
+    """DC's ResNet18 with BatchNorm."""
+    return _fixed("ResNet18BN", ResNet18, channels, num_classes, image_size, overrides, norm="batchnorm")
+
+
+@register_model("ResNet18_AP")
+def resnet18_ap(channels: int, num_classes: int, image_size: tuple[int, int], **overrides: Any) -> nn.Module:
+    """ResNet18 with average-pool downsampling, instance norm (MTT's pool)."""
+    return _fixed("ResNet18_AP", ResNet18, channels, num_classes, image_size, overrides, avgpool_downsample=True)
+
+
+@register_model("ResNet18BN_AP")
+def resnet18_bn_ap(channels: int, num_classes: int, image_size: tuple[int, int], **overrides: Any) -> nn.Module:
+    """ResNet18 with average-pool downsampling and BatchNorm."""
+    return _fixed("ResNet18BN_AP", ResNet18, channels, num_classes, image_size, overrides, norm="batchnorm",
+                  avgpool_downsample=True)

@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dd_bench.data.dsa import DSA
+from dd_bench.errors import ConfigError
 from dd_bench.method import SyntheticSet
+from dd_bench.nets import create_model
 from dd_bench.seeding import derive_seed, make_generator
 
 log = logging.getLogger(__name__)
@@ -58,8 +61,6 @@ class EvalProtocol:
     test_batch_size: int = 256
 
     def __post_init__(self) -> None:
-        from dd_bench.errors import ConfigError
-
         for name in ("epochs", "runs", "batch_size", "test_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "epochs" else 1):
@@ -135,8 +136,6 @@ def evaluate(
 
 
 def _train_one(syn: SyntheticSet, data, protocol: EvalProtocol, lr: float, seed: int, device: torch.device) -> nn.Module:
-    from dd_bench.models import create_model
-
     torch.manual_seed(seed)
     generator = make_generator(seed)
     net = create_model(protocol.model, data.channels, data.num_classes, tuple(data.image_size)).to(device)
@@ -171,8 +170,6 @@ def _sgd(net: nn.Module, lr: float, protocol: EvalProtocol) -> torch.optim.Optim
 def _augmenter(protocol: EvalProtocol):
     if protocol.augment != "dsa":
         return None
-    from dd_bench.augment import DSA
-
     return DSA(protocol.dsa_strategy or "")
 
 
