@@ -397,7 +397,7 @@ def _protocol_fields(r: Any) -> dict[str, str]:
     aug = p.get("augment", "?")
     aug = {"dsa": f"DSA({p.get('dsa_strategy')})", "dc": f"DC({p.get('dc_strategy')})",
            "frepo": f"FRePo({p.get('frepo_strategy')})"}.get(aug, aug)
-    return {"eval": str(p.get("model", "?")), "length": length,
+    return {"preset": str(p.get("preset") or "none"), "eval": str(p.get("model", "?")), "length": length,
             "optimiser": f"{optimiser}, {schedule}, batch {p.get('batch_size', '?')}", "aug": aug,
             "labels": r.label_type or "?", "runs per set": str(p.get("runs", "?")),
             "precision": str(p.get("precision", "fp32")), "budget": budget_text(r.budget), "device": r.device or "?"}

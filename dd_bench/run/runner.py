@@ -133,7 +133,10 @@ def execute_cell(cell: Cell, options: RunOptions, existing: dict[str, Any] | Non
     device = resolve_device(options.device)
     if existing is not None:
         record = CellResult(**{k: copy.deepcopy(v) for k, v in existing.items() if k in CellResult.__dataclass_fields__})
-        record.env = environment()
+        # The environment the cell was distilled in stays; each later evaluation adds its own.
+        env = environment()
+        record.env.setdefault("evaluated_later", []).append(
+            {"at": _now(), "git_commit": env["git_commit"], "versions": env["versions"], "device": describe_device(device)})
     else:
         record = CellResult(cell.cell_id, cell.suite, "failed", cell.method, cell.label, cell.dataset, cell.ipc,
                             cell.seed, config=cell.params, method_version=cell.version,
@@ -305,7 +308,7 @@ def _evaluate_saved(cell: Cell, options: RunOptions, device: torch.device, recor
              cell.describe(), len(missing))
     seed_everything(cell.seed)
     data = on_device(load_cell_data(cell, options.download), device)
-    record.env["device_settings"] = configure_device(device)
+    configure_device(device)
     method = create_method(cell.method, cell.params)
     work = []
     for request, ipc, step in missing:

@@ -227,13 +227,13 @@ def test_protocol_line_under_every_table(written) -> None:
         lines = (written[0] / name).read_text().splitlines()
         last_table_line = max(i for i, l in enumerate(lines) if l.startswith("|"))
         after = "\n".join(lines[last_table_line + 1 :])
-        assert "Protocol: eval: ConvNet | length: 300 epochs" in after
+        assert "Protocol: preset: none | eval: ConvNet | length: 300 epochs" in after
         for part in ("aug: DSA(color_crop)", "labels: hard (CE)", "runs per set: 2", "seeds: 2 (0, 1)",
                      "budget: 20 steps", "device: cpu:test", "precision: fp32", "×0.1 after pass E/2+1"):
             assert part in after, (name, part)
     for name in ("table.tex", "cost.tex"):
         tex = (written[0] / name).read_text()
-        assert tex.index("Protocol: eval: ConvNet") > tex.index("\\end{tabular}")
+        assert tex.index("Protocol: preset: none | eval: ConvNet") > tex.index("\\end{tabular}")
         assert "device: cpu:test" in tex
 
 
@@ -266,7 +266,7 @@ def test_cross_architecture_tables_and_heat_map(tmp_path: Path) -> None:
     convnet, alexnet_part = table.split("## Accuracy (%), eval main · AlexNet")
     assert _row(convnet, 1)[2:] == ["41.0 ± 1.0", "**51.0 ± 1.0**", "failed"]
     assert _row(alexnet_part, 1)[2:] == ["31.0 ± 1.0", "**41.0 ± 1.0**", "failed"]
-    assert "Protocol: eval: AlexNet" in alexnet_part
+    assert "eval: AlexNet" in alexnet_part
     cross = (store.directory / "cross_arch.md").read_text()
     assert "| dataset | IPC | method | ConvNet | AlexNet |" in cross
     assert "| mnist_sample | 1 | dm | 51.0 ± 1.0 | 41.0 ± 1.0 |" in cross
