@@ -8,10 +8,11 @@ at initialisation and after every epoch, so an expert is a ``(train_epochs + 1, 
 of flat parameter vectors, one file per expert (``expert_0000.pt``, ...), written atomically as
 soon as the expert finishes. While an expert trains, a checkpoint (``expert_0000.partial.pt``:
 the snapshots so far and the network state) is rewritten after every epoch, so an interrupted build resumes mid-expert and the result is bit-identical to an
-uninterrupted one. Each expert's randomness (initialisation, batch order, DSA draws) comes from
-``derive_seed`` of the spec (all of it but ``num_experts``) and the expert's index: experts do not
-depend on the cell, on the harness's seed or on which of them were built first, and a buffer of
-5 experts is the first 5 of a buffer of 100 with the same settings. Bit-identical on the CPU; on
+uninterrupted one. Each expert's randomness comes from ``derive_seed`` of the spec (all of it
+but ``num_experts``) and the expert's index (its initialisation), and of that seed and the epoch
+(each epoch's batch order and DSA draws): experts do not depend on the cell, on the harness's
+seed or on which of them were built first, and a buffer of 5 experts is the first 5 of a buffer
+of 100 with the same settings. Bit-identical on the CPU; on
 a GPU only as deterministic as cuDNN's kernels.
 
 Measured size of one expert file (``torch.save`` of the fp32 matrix): **65.3 MB** for a CIFAR-10
@@ -98,7 +99,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,6 +107,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from tqdm import tqdm
 
 from dd_bench.checkpoint import load_checkpoint, save_atomic
 from dd_bench.data.dsa import DSA, AugmentDraw, DSAParams
@@ -414,8 +416,6 @@ class MTT(Method):
             data = data.to(device)
         indices = range(cfg.num_experts)
         if progress:
-            from tqdm import tqdm
-
             indices = tqdm(indices, desc="mtt experts")
         seconds: dict[int, float] = {}
         for index in indices:
