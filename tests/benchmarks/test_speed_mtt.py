@@ -5,8 +5,8 @@ Run with ``pytest tests/benchmarks/test_speed_mtt.py -m perf --benchmark-enable 
 Settings of the ``cifar10_ipc1`` preset (syn_steps 50, expert_epochs 2, max_start_epoch 2, the
 whole set of 10 images per unrolled step, per-image DSA, ConvNet-3 with 320,010 parameters) on
 random tensors of CIFAR-10's shape: no CIFAR is installed here, and a step's cost does not
-depend on the pixel values. The expert is a random walk from a ConvNet initialisation (3
-snapshots suffice for start epochs 0-1 and M = 2).
+depend on the pixel values. The expert is a random walk from a ConvNet initialisation (4
+snapshots: start epochs 0-1 and M = 2; train_epochs 3 is the shortest buffer the row accepts).
 
 One row per gradient mode (``unrolled``: the official graph through all steps; ``tesla``;
 ``tesla_exact``), each with its peak memory in ``extra_info``: the process's resident set
@@ -44,7 +44,7 @@ def random_cifar10(per_class: int = 20, seed: int = 0) -> Dataset:
                    (0.0,) * 3, (1.0,) * 3, [str(c) for c in range(10)], DSA_WITH_FLIP, variant="random-benchmark")
 
 
-def write_random_expert(directory: Path, model: str, data: Dataset, snapshots: int = 3, seed: int = 0) -> None:
+def write_random_expert(directory: Path, model: str, data: Dataset, snapshots: int = 4, seed: int = 0) -> None:
     """One expert: a ConvNet initialisation followed by a random walk (steps ~1e-3 per parameter)."""
     torch.manual_seed(seed)
     net = create_model(model, data.channels, data.num_classes, tuple(data.image_size))
@@ -70,7 +70,7 @@ def _state(data, expert_dir: Path, mode: str):
     # The cifar10_ipc1 row spelled out: the preset itself would insist on Kornia-ZCA'd CIFAR-10.
     row = {name: getattr(PRESETS["cifar10_ipc1"], name) for name in
            ("syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr", "syn_lr_init", "batch_syn")}
-    params = {**row, "num_experts": 1, "train_epochs": 2, **MODES[mode]}
+    params = {**row, "num_experts": 1, "train_epochs": 3, **MODES[mode]}
     method = create_method("mtt", params)
     ctx = RunContext(device=resolve_device("auto"), seed=0)
     method.load_artifacts(expert_dir, ctx)
