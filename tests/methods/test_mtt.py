@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from dd_bench.errors import ConfigError
+from dd_bench.eval.evaluate import evaluate
+from dd_bench.eval.protocol import preset, resolve
 from dd_bench.eval.training import TrainRecipe, train_network
 from dd_bench.method import METHODS, RunContext, SyntheticSet, create_method
 from dd_bench.nets import create_model
@@ -253,6 +255,20 @@ def test_distilled_set_beats_its_real_initialisation(data, buffer_dir):
         method.step(state, ctx)
     distilled = _accuracy(method.result(state), data)
     assert distilled > initial + 5.0, (initial, distilled)
+
+
+def test_the_mtt_protocol_trains_with_the_learned_step_size(data, buffer_dir):
+    method = _method(buffer_dir)
+    state, _ = _distil(method, data, ipc=1, steps=2)
+    syn = method.result(state)
+    assert syn.learned_lr is not None and syn.learned_lr != pytest.approx(0.01, rel=1e-4)
+    paper = preset(MTT.paper_protocol, epochs=2, runs=1)
+    protocol = resolve(paper, paper=paper, model=SMALL_NET, dataset=data, set_size=len(syn))
+    assert protocol.use_learned_lr and protocol.dsa_align_corners and protocol.augment == "dsa"
+    assert evaluate(syn, data, protocol).lr == syn.learned_lr
+    common = preset("dsa", epochs=2, runs=1)  # a protocol that ignores learned step sizes
+    assert evaluate(syn, data, resolve(common, paper=paper, model=SMALL_NET, dataset=data, set_size=len(syn))).lr \
+        == pytest.approx(0.01)
 
 
 # -- the three gradients ---------------------------------------------------------------------
