@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from dd_bench.errors import DDBenchError
+from dd_bench.run import bench
 
 log = logging.getLogger("dd_bench")
 
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--no-plots", action="store_true", help="skip plots/")
     report.add_argument("--no-grids", action="store_true", help="skip grids/")
     report.set_defaults(handler=_cmd_report)
+
+    bench.add_parser(commands)  # dd-bench bench: speed ratios, baselines (dd_bench/run/bench.py)
     return parser
 
 
