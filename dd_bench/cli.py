@@ -15,6 +15,7 @@ from dd_bench.data import DATASETS
 from dd_bench.errors import ConfigError, DDBenchError
 from dd_bench.method import METHODS
 from dd_bench.nets import MODELS
+from dd_bench.run import bench
 from dd_bench.report import speedup_vs_from_suite, summary, write_report
 from dd_bench.run.runner import RunOptions, prepare_suite, run_suite
 from dd_bench.run.store import ResultStore
@@ -77,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--no-plots", action="store_true", help="skip plots/")
     report.add_argument("--no-grids", action="store_true", help="skip grids/")
     report.set_defaults(handler=_cmd_report)
+
+    bench.add_parser(commands)  # dd-bench bench: speed ratios, baselines (dd_bench/run/bench.py)
+
+    bench.add_parser(commands)  # dd-bench bench: speed ratios, baselines (dd_bench/run/bench.py)
     return parser
 
 
