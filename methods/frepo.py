@@ -42,13 +42,12 @@ How this differs from the official code:
   PyTorch momentum 0.9), eval mode for features, as Flax's ``train=True/False``. PyTorch's
   running variance is the unbiased batch variance, Flax's the biased one (a factor below 1.001
   for these batches).
-- LAMB comes from ``pytorch_optimizer.Lamb``, set to optax's ``lamb`` rule (what FRePo uses):
-  betas (0.9, 0.999), eps 1e-6, no weight decay, no gradient clipping, no clamp of the weight
-  norm (the library clamps it to 10 by default), no bias correction of the step size (with a
-  per-tensor trust ratio the step has norm lr·‖w‖ either way, as in optax). One difference
-  stays: the library does not bias-correct the second moment, which only changes how much eps
-  (1e-6) weighs against √v in the first few hundred steps. ``optimizer: adam`` is offered for
-  comparison.
+- LAMB is :class:`OptaxLamb`, optax's ``lamb`` rule (what FRePo uses) written out: Adam moments
+  with both bias corrections (betas 0.9, 0.999, eps 1e-6 outside the square root), no weight
+  decay, then a per-tensor trust ratio ‖w‖ / ‖u‖ (1 when either norm is 0), no clamp of the
+  weight norm and no gradient clipping. (General-purpose LAMB implementations differ from optax
+  in some of these: clamped weight norms, no second-moment correction.) ``optimizer: adam`` is
+  offered for comparison.
 - Cosine schedule: over ``schedule_steps`` if set, else over the cell's ``budget.steps``
   (the official ``num_train_steps``). With a budget in seconds only (or no budget, as in unit
   tests) and no ``schedule_steps`` the learning rate stays constant (logged once).
@@ -73,7 +72,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pytorch_optimizer import Lamb
 from torch import Tensor, nn
 
 from dd_bench.errors import ConfigError
@@ -361,10 +359,38 @@ def make_distill_optimizer(parameters: list[Tensor], kind: str, lr: float) -> to
     """LAMB set to optax's rule (see the module docstring), or Adam."""
     if kind == "adam":
         return torch.optim.Adam(parameters, lr=lr)
-    optimizer = Lamb(parameters, lr=lr, betas=LAMB_BETAS, eps=LAMB_EPS, weight_decay=0.0, max_grad_norm=0.0,
-                     adam_debias=True)
-    optimizer.clamp = math.inf  # optax's trust ratio uses the weight norm as it is
-    return optimizer
+    return OptaxLamb(parameters, lr=lr)
+
+
+class OptaxLamb(torch.optim.Optimizer):
+    """``optax.lamb(lr, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0)``: per tensor,
+    u = m̂ / (√v̂ + eps) with bias-corrected moments, then w ← w − lr · (‖w‖ / ‖u‖) · u."""
+
+    def __init__(self, params: Any, lr: float, betas: tuple[float, float] = LAMB_BETAS, eps: float = LAMB_EPS) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # noqa: D102 (torch.optim.Optimizer's contract)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["step"] = 0
+                    state["m"] = torch.zeros_like(param)
+                    state["v"] = torch.zeros_like(param)
+                state["step"] += 1
+                t = state["step"]
+                state["m"].mul_(beta1).add_(param.grad, alpha=1 - beta1)
+                state["v"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+                update = (state["m"] / (1 - beta1**t)) / ((state["v"] / (1 - beta2**t)).sqrt() + group["eps"])
+                param_norm, update_norm = param.norm(), update.norm()
+                # optax.scale_by_trust_ratio: a zero norm on either side leaves the update unscaled.
+                trust = torch.where((param_norm == 0) | (update_norm == 0), torch.ones_like(param_norm),
+                                    param_norm / update_norm)
+                param.sub_(update * (trust * group["lr"]))
 
 
 # -- data --------------------------------------------------------------------------------------

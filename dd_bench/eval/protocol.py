@@ -211,7 +211,14 @@ class ProtocolSpec:
             chosen = paper_spec.get("preset")
             base = {k: v for k, v in paper_spec.items() if k != "preset"}
         fields = {**PRESETS[chosen], "preset": chosen} if chosen else {}
-        return build_config(EvalProtocol, {**fields, **base, **dict(self.overrides)}, where)
+        overrides = dict(self.overrides)
+        # A length given in one unit replaces the preset's length in the other: `{preset: auto,
+        # epochs: 300}` gives FRePo's step-counted protocol 300 epochs instead of refusing it.
+        if "epochs" in overrides and "steps" not in overrides:
+            overrides["steps"] = None
+        elif "steps" in overrides and "epochs" not in overrides:
+            overrides["epochs"] = None
+        return build_config(EvalProtocol, {**fields, **base, **overrides}, where)
 
     def to_dict(self) -> dict[str, Any]:
         return {"preset": self.preset, **dict(self.overrides)}

@@ -24,17 +24,26 @@ from dd_bench.eval.protocol import EvalProtocol
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data lives and how it is transformed (ZCA enters the cell id; root and
-    permission to download do not)."""
+    """Where the data lives and how it is transformed (ZCA and a reduced training set enter the
+    cell id; root and permission to download do not)."""
 
     root: str = "data"
     download: bool = False
     zca: bool = False
     zca_mode: str = "trace"
     zca_reg: float = 0.1
+    train_per_class: int | None = None
+    """Use only this many training images per class (a fixed, seeded choice: ``Dataset.subset``
+    with seed 0, the same for every method and cell); the test set stays whole. For affordable
+    experiments on small machines; results are then not comparable with full-data numbers, and
+    the record's ``dataset_info.variant`` says so."""
 
     def identity(self) -> dict[str, Any]:
-        return {"zca": self.zca, "zca_mode": self.zca_mode, "zca_reg": self.zca_reg} if self.zca else {"zca": False}
+        ident: dict[str, Any] = (
+            {"zca": self.zca, "zca_mode": self.zca_mode, "zca_reg": self.zca_reg} if self.zca else {"zca": False})
+        if self.train_per_class is not None:  # absent by default, so older cell ids stay the same
+            ident["train_per_class"] = self.train_per_class
+        return ident
 
 
 @dataclass(frozen=True)

@@ -94,12 +94,20 @@ class SuiteOutcome:
 
 # -- data ---------------------------------------------------------------------------------------
 def dataset_loader(cell: Cell, download: bool | None = None) -> Callable[[str], Dataset]:
-    """``load_dataset`` bound to the cell's data settings (root, download permission, ZCA)."""
+    """``load_dataset`` bound to the cell's data settings (root, download permission, ZCA, a
+    reduced training set)."""
     data = cell.data
 
     def load(name: str) -> Dataset:
-        return load_dataset(name, root=data.root, download=data.download if download is None else download,
-                            zca=data.zca, zca_mode=data.zca_mode, zca_reg=data.zca_reg)
+        dataset = load_dataset(name, root=data.root, download=data.download if download is None else download,
+                               zca=data.zca, zca_mode=data.zca_mode, zca_reg=data.zca_reg)
+        if data.train_per_class is None:
+            return dataset
+        smallest = min(len(idx) for idx in dataset.indices_by_class)
+        if data.train_per_class > smallest:
+            raise ConfigError(f"data.train_per_class: {data.train_per_class} is more than {name}'s smallest class "
+                              f"has ({smallest} training images)")
+        return dataset.subset(data.train_per_class)
 
     return load
 

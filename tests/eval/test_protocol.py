@@ -99,3 +99,13 @@ def test_describe_says_everything():
                  "20 runs", "fp32"):
         assert part in text
     assert "Adam lr 0.0003" in _auto("frepo").describe() and "2000 steps" in _auto("frepo").describe()
+
+
+def test_a_length_override_in_one_unit_replaces_the_presets_length_in_the_other():
+    spec = ProtocolSpec.parse("paper", {"preset": "auto", "epochs": 300}, "protocols.paper")
+    frepo = spec.protocol_for("frepo")
+    assert frepo.epochs == 300 and frepo.steps is None and frepo.optimizer == "adam"
+    dsa = ProtocolSpec.parse("short", {"preset": "dsa", "steps": 50, "schedule": "cosine"}, "p").protocol_for("dc")
+    assert dsa.steps == 50 and dsa.epochs is None
+    with pytest.raises(ConfigError, match="give epochs or steps, not both"):
+        ProtocolSpec.parse("both", {"preset": "dsa", "epochs": 3, "steps": 5}, "p")

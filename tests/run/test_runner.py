@@ -19,7 +19,7 @@ import torch
 from dd_bench.errors import ConfigError
 from dd_bench.method import Method, RunContext, SyntheticSet, register_method
 from dd_bench.run.store import ResultStore
-from dd_bench.run.runner import RunOptions, execute_cell, run_suite
+from dd_bench.run.runner import RunOptions, execute_cell, load_cell_data, run_suite
 from dd_bench.run.suite import load_suite
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -231,6 +231,20 @@ def test_impossible_ipc_is_rejected_before_any_work(write_suite, tmp_path):
     with pytest.raises(ConfigError, match="ipc: 401 is impossible for mnist_sample"):
         run_suite(suite, _options(tmp_path))
     assert not ResultStore(tmp_path / "results").path.exists()
+
+
+def test_a_reduced_training_set_is_seeded_the_same_for_every_method_and_part_of_the_cell_id(write_suite, tmp_path):
+    full = load_suite(write_suite()).cells()[0]
+    suite = load_suite(write_suite({"data": {"train_per_class": 20}, "methods": ["random", "herding"]}))
+    random_cell, herding_cell = suite.cells()
+    assert random_cell.cell_id != full.cell_id and random_cell.data.identity()["train_per_class"] == 20
+    a, b = load_cell_data(random_cell), load_cell_data(herding_cell)
+    assert len(a.train_images) == 200 and torch.equal(a.train_images, b.train_images) and a.variant == b.variant
+    assert len(a.test_images) == len(load_cell_data(full).test_images)  # the test set stays whole
+    record = execute_cell(random_cell, _options(tmp_path))
+    assert record.status == "ok" and record.dataset_info["variant"].startswith("subset20/")
+    with pytest.raises(ConfigError, match="data.train_per_class: 401 is more than mnist_sample's smallest class"):
+        load_cell_data(load_suite(write_suite({"data": {"train_per_class": 401}})).cells()[0])
 
 
 # -- one adaptation, many IPCs ------------------------------------------------------------------
