@@ -78,13 +78,16 @@ def evaluate(syn: SyntheticSet, data, protocol: EvalProtocol, seed: int = 0,
     recipe = recipe_for(protocol, float(lr))
     augment = augmenter(protocol, tuple(data.image_size))
     started = time.perf_counter()
+    # Batch orders and augmentation draws come from a generator on the compute device (no host
+    # round-trip per batch); DC's augmentation runs scipy on the host, so its draws stay there.
+    generator_device = device if protocol.augment != "dc" else torch.device("cpu")
     nets, generators = [], []
     for run in range(protocol.runs):
         run_seed = derive_seed(seed, "eval", run)
         with torch.random.fork_rng(devices=[]):  # evaluating must not move the caller's RNG
             torch.manual_seed(run_seed)
             nets.append(create_model(protocol.model, data.channels, data.num_classes, tuple(data.image_size)).to(device))
-        generators.append(make_generator(run_seed))
+        generators.append(make_generator(run_seed, generator_device))
     together = (batched is True or (batched == "auto" and device.type == "cuda")) and can_batch(nets)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if together:
