@@ -178,5 +178,5 @@ def test_cell_overhead(benchmark, tmp_path, tiny_dataset):
                          progress=False)
     row = "cell overhead"
     record = time_against_reference(benchmark, _slowed(row, lambda: execute_cell(cell, options)), row=row, unit="cell",
-                                    steps=NOOP_STEPS, protocol=cell.protocol.describe())
+                                    steps=NOOP_STEPS, protocol=cell.requests[0].protocol.describe())
     assert record.status == "ok", record.error
