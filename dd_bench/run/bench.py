@@ -13,10 +13,16 @@ and gated is
 absolute seconds are shown beside it and never gated.
 
 A baseline holds, per benchmark row, the median ratio over several runs, their relative spread
-((max - min) / median) and the margin that spread justifies, ``max(k * spread, floor)``. The
-check fails when a ratio exceeds ``baseline * (1 + margin)``; a faster row only says so. A row
-the baseline lacks (a new method) is shown as "new" and a baseline row that did not run is
-"not run"; neither fails the check.
+((max - min) / median) and the margin that spread justifies, ``max(k * spread, floor)`` with
+k = 3 and floor = 20 %. Why: a new run lands outside the range of 5 earlier runs about one time
+in three (2 of 6 places for an exchangeable sample), so the margin must be well beyond that
+range, hence 3 times it; the floor covers what 5 runs on one machine cannot show (another CPU's
+kernels, a busier CI host). The committed ``tests/benchmarks/baseline.json`` is 5 fresh-process
+runs of ``dd-bench bench --quick`` on the 2-core dev machine (``--repeat 5 --save``, under
+``one-at-a-time``); it carries the rule, the reason, each run's ratio and the spread. The check
+fails when a ratio exceeds ``baseline * (1 + margin)``; a faster row only says so. A row the
+baseline lacks (a new method) is shown as "new" and a baseline row that did not run is "not
+run"; neither fails the check. Doubled work (+100 %) fails any row whose margin is below 100 %.
 
 The benchmarks themselves run in a pytest subprocess (``pytest -m perf --benchmark-enable
 --benchmark-json``); this module is the thin layer over that JSON: ratio rows, baselines,
@@ -62,6 +68,10 @@ FULL_ROUNDS = 25
 #: Margin = max(MARGIN_K * spread over repeated runs, MARGIN_FLOOR) (see the module docstring).
 MARGIN_K = 3.0
 MARGIN_FLOOR = 0.20
+#: Why that rule; written into every saved baseline next to the rule itself.
+MARGIN_WHY = ("a new run falls outside the range of 5 earlier runs about 1 time in 3 (2 of 6 places), so the "
+              "margin is 3 times that range; the floor absorbs what 5 runs on one machine cannot show "
+              "(another CPU's kernels, a busier CI host); doubled work (+100 %) exceeds every margin below 100 %")
 BASELINE_FORMAT = 1
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_FILE = REPO_ROOT / "tests" / "benchmarks" / "test_ratios.py"
@@ -194,6 +204,7 @@ def save_baseline(path: Path, baseline: dict[str, BaselineEntry], k: float, floo
         "format": BASELINE_FORMAT,
         "what": "ratio = median over rounds of (workload seconds per unit / reference seconds); see dd_bench/run/bench.py",
         "margin_rule": f"margin = max({k:g} * (max - min) / median over {_run_count(baseline)} runs, {floor:g})",
+        "why": MARGIN_WHY,
         "note": note,
         "reference": f"plain ConvNet-3 forward+backward, batch {REFERENCE_BATCH}, {BENCH_THREADS} thread(s)",
         "machine": _machine(),

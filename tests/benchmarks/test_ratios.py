@@ -64,6 +64,9 @@ STEP_WORKLOADS: dict[str, StepWorkload] = {
     "mtt": StepWorkload(1, {"model": "ConvNet", "num_experts": 1, "train_epochs": 3, "expert_batch": 50,
                             "expert_epochs": 2, "max_start_epoch": 1, "syn_steps": 10, "lr_img": 100.0,
                             "lr_lr": 1e-5}, "IPC 1, N=10, M=2"),
+    # FRePo's net (width 128, depth 3, BatchNorm) as in the paper; a pool of 2 and 64 real
+    # images per step instead of 10 nets and 1024 images.
+    "frepo": StepWorkload(1, {"batch_real": 64, "num_nn_state": 2}, "IPC 1, 64 real images, pool of 2"),
 }
 
 EVAL_IPC = 10
@@ -175,5 +178,5 @@ def test_cell_overhead(benchmark, tmp_path, tiny_dataset):
                          progress=False)
     row = "cell overhead"
     record = time_against_reference(benchmark, _slowed(row, lambda: execute_cell(cell, options)), row=row, unit="cell",
-                                    steps=NOOP_STEPS, protocol=cell.protocol.describe())
+                                    steps=NOOP_STEPS, protocol=cell.requests[0].protocol.describe())
     assert record.status == "ok", record.error

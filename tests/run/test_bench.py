@@ -97,3 +97,36 @@ def test_a_slowed_step_fails_the_check(tmp_path):
     assert [r.row for r in unslowed] == [r.row for r in slowed] == ["step dm"]
     (verdict,) = compare(slowed, load_baseline(tmp_path / "unslowed.json"))
     assert verdict.failed and verdict.change > 0.5  # doubled work: about +100 %, far beyond the 20 % floor
+
+
+def _run_at_baseline(path: Path, baseline: dict[str, BaselineEntry], slowed: dict[str, float], new: tuple[str, ...] = ()) -> Path:
+    """A synthetic pytest-benchmark JSON whose every row sits at the baseline's ratio, times
+    ``slowed[row]`` for the named rows, plus rows the baseline lacks: no timing involved."""
+    reference = [0.05] * 3
+    entries = [_entry(name, [entry.ratio * slowed.get(name, 1.0) * r for r in reference], reference)
+               for name, entry in baseline.items()]
+    entries += [_entry(name, [0.1] * 3, reference) for name in new]
+    return _pytest_json(path, *entries)
+
+
+def test_the_committed_baseline_fails_a_slowed_run_and_shows_a_new_method(tmp_path, capsys):
+    """`dd-bench bench --check` against tests/benchmarks/baseline.json (what CI runs), on synthetic
+    runs: at the baseline it passes, a method unknown to the baseline is "new" and passes, and the
+    same run with one step taking twice as long (the test-only DD_BENCH_TEST_SLOW switch doubles
+    the work the same way) fails with exit 1, naming the row."""
+    baseline = load_baseline(bench.DEFAULT_BASELINE)
+    assert {"step dm", "step mtt", "step frepo", "eval epoch", "cell overhead"} <= set(baseline)
+    assert all(0.0 < entry.margin < 1.0 for entry in baseline.values())  # doubled work always exceeds the margin
+
+    steady = _run_at_baseline(tmp_path / "steady.json", baseline, {}, new=("step newmethod",))
+    assert main(["bench", "--from", str(steady), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("step newmethod") and line.rstrip().endswith("new (per step)")
+               for line in out.splitlines())
+    assert out.strip().splitlines()[-1].startswith(f"bench: PASS: {len(baseline)} ratio(s)")
+
+    slowed = _run_at_baseline(tmp_path / "slowed.json", baseline, {"step dm": 2.0}, new=("step newmethod",))
+    assert main(["bench", "--from", str(slowed), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert any(line.startswith("step dm") and "+100.0%" in line and "SLOWER" in line for line in out.splitlines())
+    assert out.strip().splitlines()[-1] == f"bench: FAIL: slower beyond the margin of {bench.DEFAULT_BASELINE}: step dm"
