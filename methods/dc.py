@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from dd_bench.data.dsa import DSA as SiameseAugment
 from dd_bench.errors import ConfigError
+from dd_bench.eval.training import TrainRecipe, train_network
 from dd_bench.method import Method, RunContext, SyntheticSet, register_method
 from dd_bench.nets import ConvNet, create_model, has_batchnorm, standard_layout
 
@@ -386,25 +387,18 @@ class DC(Method):
                 module.eval()
 
     def _train_net(self, net: nn.Module, state: GradientMatchingState) -> None:
-        """``inner_loop`` epochs of plain SGD on the current synthetic set (detached, shuffled)."""
-        images, labels = state.images.detach().clone(), state.labels
+        """``inner_loop`` epochs of plain SGD on the current synthetic set (detached, shuffled),
+        through the project's one training loop."""
         parameters = list(net.parameters())
-        optimizer = torch.optim.SGD(parameters, lr=self.config.lr_net)
-        net.train()
-        count, batch = images.shape[0], self.config.batch_train
-        for _ in range(state.inner_loop):
-            order = torch.randperm(count, generator=state.generator).to(images.device)
-            for start in range(0, count, batch):
-                picked = order[start : start + batch]
-                x = self._train_view(state, images[picked])
-                loss = F.cross_entropy(self._forward(net, parameters, state, x), labels[picked])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+        recipe = TrainRecipe(optimizer="sgd", lr=self.config.lr_net, momentum=0.0, weight_decay=0.0,
+                             epochs=state.inner_loop, batch_size=self.config.batch_train)
+        train_network(net, state.images.detach().clone(), state.labels, recipe, loss_fn=F.cross_entropy,
+                      generator=state.generator, augment=self._train_augment(state),
+                      forward=lambda x: self._forward(net, parameters, state, x), parameters=parameters)
 
-    def _train_view(self, state: GradientMatchingState, x: Tensor) -> Tensor:
+    def _train_augment(self, state: GradientMatchingState):
         """Inner-loop augmentation: none for DC."""
-        return x
+        return None
 
     # -- output --------------------------------------------------------------------------------
     def result(self, state: GradientMatchingState) -> SyntheticSet:
@@ -429,5 +423,6 @@ class DSA(DC):
     def _matching_views(self, state: GradientMatchingState, real: Tensor, syn: Tensor) -> tuple[Tensor, Tensor]:
         return state.augment.siamese(real, syn, generator=state.generator)
 
-    def _train_view(self, state: GradientMatchingState, x: Tensor) -> Tensor:
-        return state.augment(x, generator=state.generator, siamese=False)
+    def _train_augment(self, state: GradientMatchingState):
+        """Inner-loop augmentation: per-image DSA draws, one family per mini-batch."""
+        return lambda x, generator: state.augment(x, generator=generator, siamese=False)

@@ -57,6 +57,7 @@ def write_suite(tmp_path: Path):
             return path
         suite = dict(TINY_SUITE)
         suite.update(overrides or {})
+        suite = {key: value for key, value in suite.items() if value is not None}  # None: leave the key out
         path.write_text(yaml.safe_dump(suite))
         return path
 

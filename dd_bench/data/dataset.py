@@ -85,12 +85,12 @@ class Dataset:
 
     @cached_property
     def indices_by_class(self) -> list[Tensor]:
-        """Train indices of each class (CPU LongTensors), computed once."""
-        labels = self.train_labels.cpu()
+        """Train indices of each class, on the device of the images, computed once."""
+        labels = self.train_labels.to(self.train_images.device)
         return [torch.nonzero(labels == c, as_tuple=True)[0] for c in range(self.num_classes)]
 
     def class_images(self, c: int) -> Tensor:
-        return self.train_images[self.indices_by_class[c].to(self.train_images.device)]
+        return self.train_images[self.indices_by_class[c]]
 
     def class_count(self, c: int) -> int:
         return int(self.indices_by_class[c].numel())
@@ -101,12 +101,13 @@ class Dataset:
         count = indices.numel()
         if count == 0:
             raise ValueError(f"class {c} of dataset '{self.name}' has no train images")
-        device = generator.device if generator is not None else "cpu"
+        device = generator.device if generator is not None else torch.device("cpu")
         if n <= count:
             picks = torch.randperm(count, generator=generator, device=device)[:n]
         else:
             picks = torch.randint(count, (n,), generator=generator, device=device)
-        return self.train_images[indices[picks.cpu()].to(self.train_images.device)]
+        # With a generator on the images' device (CUDA) this stays on the device: no host round trip.
+        return self.train_images[indices[picks.to(indices.device)]]
 
     def denormalise(self, images: Tensor) -> Tensor:
         """Map images back to pixel space in [0, 1] (undo ZCA, then std/mean), e.g. for image grids."""

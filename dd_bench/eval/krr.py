@@ -14,9 +14,9 @@ tr(FᵀF) = ‖F‖²``, so the primal form uses the same absolute λ and gives 
 
 Solves go through a Cholesky factorisation (``torch.linalg.cholesky_ex``), never an explicit
 inverse; both are differentiable. When the factorisation fails (the regularised matrix is not
-numerically positive definite) the solve falls back to ``torch.linalg.solve`` (LU) and logs a
-warning; a warning is also logged when the Cholesky factor's diagonal implies a condition
-number beyond what the dtype resolves (about 1/eps). Solves run in at least float32; pass
+numerically positive definite) the smallest diagonal jitter that makes it factorise is added
+and a warning logged; a warning is also logged when the Cholesky factor's diagonal implies a
+condition number beyond what the dtype resolves (about 1/eps). Solves run in at least float32; pass
 float64 inputs for more headroom.
 """
 
@@ -57,15 +57,30 @@ def solve_psd(matrix: Tensor, rhs: Tensor, ridge: Tensor | float) -> Tensor:
     rhs_work = rhs.to(work_dtype)
     factor, info = torch.linalg.cholesky_ex(regularised)
     if bool((info != 0).any()):
-        _warn_once("lu", "krr: the regularised %dx%d kernel is not numerically positive definite; solving with LU "
-                   "instead of Cholesky (raise the ridge `reg` if results look unstable)", n, n)
-        return torch.linalg.solve(regularised, rhs_work).to(rhs.dtype)
+        factor = _jittered_cholesky(regularised, eye)
     diagonal = torch.diagonal(factor, dim1=-2, dim2=-1).detach()
     condition = (diagonal.max() / diagonal.min().clamp_min(torch.finfo(work_dtype).tiny)) ** 2
     if float(condition) > 0.1 / torch.finfo(work_dtype).eps:
         _warn_once("cond", "krr: ill-conditioned %dx%d kernel (condition number about %.1e in %s); raise the ridge "
                    "`reg` or solve in float64", n, n, float(condition), str(work_dtype).replace("torch.", ""))
     return torch.cholesky_solve(rhs_work, factor).to(rhs.dtype)
+
+
+def _jittered_cholesky(regularised: Tensor, eye: Tensor) -> Tensor:
+    """Cholesky of a matrix that did not factorise: add the smallest jitter (growing tenfold from
+    the dtype's resolution of its mean diagonal) that makes it positive definite, and say so."""
+    scale = torch.diagonal(regularised, dim1=-2, dim2=-1).detach().abs().mean().clamp_min(1e-30)
+    jitter = scale * torch.finfo(regularised.dtype).eps * 10
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(regularised + eye * jitter)
+        if not bool((info != 0).any()):
+            _warn_once("jitter", "krr: the regularised %dx%d kernel is not numerically positive definite "
+                       "(ill-conditioned); added %.2e to its diagonal (raise the ridge `reg`)", eye.shape[0],
+                       eye.shape[0], float(jitter))
+            return factor
+        jitter = jitter * 10
+    raise torch.linalg.LinAlgError(f"krr: the {eye.shape[0]}x{eye.shape[0]} kernel does not factorise even with "
+                                   f"jitter {float(jitter):.2e}: it has NaN or Inf entries, or the ridge is far too small")
 
 
 def krr_predict(kernel_query_support: Tensor, kernel_support: Tensor, targets_support: Tensor,

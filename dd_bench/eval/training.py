@@ -93,7 +93,7 @@ def make_optimizer(parameters: list[nn.Parameter], recipe: TrainRecipe, lr: floa
     return torch.optim.SGD(parameters, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
-def _batches(count: int, recipe: TrainRecipe, generator: torch.Generator, device: torch.device) -> Iterator[tuple[int, Tensor]]:
+def batches(count: int, recipe: TrainRecipe, generator: torch.Generator, device: torch.device) -> Iterator[tuple[int, Tensor]]:
     """(pass index, indices) of every mini-batch, in training order."""
     if recipe.batch_order == "cycle":
         total = recipe.total_steps(count)
@@ -116,6 +116,13 @@ def _batches(count: int, recipe: TrainRecipe, generator: torch.Generator, device
             yield pass_index, order[start : start + recipe.batch_size]
             taken += 1
         pass_index += 1
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bfloat16 autocast for ``precision="bf16"`` (weights and optimiser state stay float32)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def train_network(
@@ -147,10 +154,9 @@ def train_network(
     lr = recipe.lr
     optimizer = make_optimizer(parameters, recipe, lr)
     total = recipe.total_steps(count)
-    autocast = (torch.autocast(device_type=images.device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
+    autocast = autocast_context(precision, images.device)
     current_pass = 0
-    for step, (pass_index, batch) in enumerate(_batches(count, recipe, generator, images.device)):
+    for step, (pass_index, batch) in enumerate(batches(count, recipe, generator, images.device)):
         if pass_index != current_pass:
             _end_of_pass(current_pass, recipe, on_pass_end)
             if recipe.schedule == "step" and current_pass == recipe.drop_after_pass:

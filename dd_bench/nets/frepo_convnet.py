@@ -12,6 +12,18 @@ It differs from DC's ConvNet in three ways:
 Weights start as Flax's defaults, which FRePo uses: LeCun normal kernels (a normal truncated
 at two standard deviations, rescaled to variance 1/fan_in) and zero biases; PyTorch's own
 default (Kaiming uniform with a = sqrt 5, uniform biases) would be a different net.
+
+Norm layers follow Flax's definitions, not PyTorch's defaults:
+
+- BatchNorm: FRePo passes Flax ``momentum=0.1``, and Flax's momentum is the weight of the OLD
+  running average (``ra = m * ra + (1 - m) * batch``), so the batch statistics get weight 0.9:
+  PyTorch ``momentum=0.9``. eps 1e-5 as FRePo sets it. One difference stays: Flax keeps the
+  biased batch variance in the running variance, PyTorch the unbiased one (a factor
+  n / (n - 1) with n = batch x height x width, under 1.001 for any batch of images here).
+- LayerNorm and instance norm (GroupNorm with one channel per group): Flax's eps 1e-6.
+
+Flax flattens the last feature map in (H, W, C) order and PyTorch in (C, H, W) order: the same
+features permuted, which neither the linear kernel nor a freshly initialised classifier sees.
 """
 
 from __future__ import annotations
@@ -29,6 +41,9 @@ FREPO_NORMS = ("none", "batchnorm", "layernorm", "instancenorm")
 FREPO_OPTIONS = ("width", "depth", "norm")
 # Flax's truncated normal keeps |z| < 2 and rescales by this std of the truncated N(0, 1).
 _TRUNCATED_STD = 0.87962566103423978
+#: PyTorch's BatchNorm momentum for Flax's ``momentum=0.1`` (weights are swapped between the two).
+BN_MOMENTUM = 0.9
+FLAX_NORM_EPS = 1e-6  # Flax's default eps of LayerNorm and GroupNorm
 
 
 def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
@@ -41,11 +56,11 @@ def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
 
 def _norm(norm: str, channels: int, spatial: tuple[int, int]) -> nn.Module:
     if norm == "batchnorm":
-        return nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1)
+        return nn.BatchNorm2d(channels, eps=1e-5, momentum=BN_MOMENTUM)
     if norm == "layernorm":  # Flax's LayerNorm normalises the last axis only: the channels
         return _ChannelLayerNorm(channels)
     if norm == "instancenorm":
-        return nn.GroupNorm(channels, channels)
+        return nn.GroupNorm(channels, channels, eps=FLAX_NORM_EPS)
     return nn.Identity()
 
 
@@ -54,7 +69,7 @@ class _ChannelLayerNorm(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.norm = nn.LayerNorm(channels)
+        self.norm = nn.LayerNorm(channels, eps=FLAX_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

@@ -21,14 +21,16 @@ __all__ = ["Report", "build_report", "speedup_vs_from_suite", "summary", "write_
 
 
 def write_report(directory: str | Path, speedup_vs: str | None = None, *, plots: bool = True, grids: bool = True,
-                 data_root: str | Path = "data", interpolate: bool = False) -> list[Path]:
+                 data_root: str | Path = "data", interpolate: bool = False, protocol: str | None = None,
+                 model: str | None = None) -> list[Path]:
     """Write tables, plots and image grids into ``directory``; returns the files written.
 
-    ``speedup_vs`` (a method label) is saved in ``report.json`` and reused when not given.
+    ``speedup_vs`` (a method label) is saved in ``report.json`` and reused when not given;
+    ``protocol`` / ``model`` keep only that protocol's / architecture's tables.
     """
     directory = Path(directory)
     speedup_vs = speedup_vs or stored_speedup_vs(directory)
-    report = build_report(directory, speedup_vs, interpolate)
+    report = build_report(directory, speedup_vs, interpolate, protocol=protocol, model=model)
     if report is None:
         log.warning("report: no records in %s", directory)
         return []

@@ -19,6 +19,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dd_bench.data import load_dataset
 from dd_bench.method import SyntheticSet
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,9 @@ def write_grids(frame: pd.DataFrame, directory: str | Path, out_dir: str | Path,
                 max_per_class: int = 10) -> list[Path]:
     """One PNG per finished cell's final synthetic set (the full-dataset reference is skipped)."""
     directory, out_dir = Path(directory), Path(out_dir)
-    several = frame["group"].nunique() > 1
     written = []
-    for r in frame[frame["status"] == "ok"].itertuples():
+    finals = frame[(frame["status"] == "ok") & frame["final"]].drop_duplicates(["cell_id", "ipc"])
+    for r in finals.itertuples():
         if not r.synthetic_set:
             continue
         path = directory / r.synthetic_set
@@ -41,8 +42,9 @@ def write_grids(frame: pd.DataFrame, directory: str | Path, out_dir: str | Path,
         if syn.meta.get("ipc_ignored"):
             log.info("grids: %s is the whole training set, not drawn", r.label)
             continue
-        name = f"{r.label}_{r.dataset}_ipc{r.ipc}_seed{r.seed}" + (f"_{r.group}" if several else "")
-        title = f"{r.label} · {r.dataset} · IPC {r.ipc} · seed {r.seed}" + (f" · eval {r.group}" if several else "")
+        name = f"{r.label}_{r.dataset}_ipc{r.ipc}_seed{r.seed}"
+        deployed = f" (deployed; adapted at IPC {r.adapt_ipc})" if r.ipc != r.adapt_ipc else ""
+        title = f"{r.label} · {r.dataset} · IPC {r.ipc}{deployed} · seed {r.seed}"
         out = out_dir / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.png"
         written.append(save_grid(syn, out, title, r.dataset, r.dataset_info, data_root, max_per_class))
     return written
@@ -55,8 +57,6 @@ def to_pixels(syn: SyntheticSet, dataset: str, dataset_info: dict[str, Any],
     zca = bool(syn.meta.get("zca", dataset_info.get("zca", False)))
     if zca:
         try:
-            from dd_bench.data import load_dataset
-
             data = load_dataset(dataset, root=data_root, zca=True, zca_mode=dataset_info.get("zca_mode") or "trace",
                                 zca_reg=dataset_info.get("zca_reg") or 0.1)
             return data.denormalise(images), "de-ZCA'd, de-normalised"

@@ -1,4 +1,4 @@
-"""Figures of a report (PNG and PDF): accuracy vs wall-clock, accuracy vs steps, speedup, cross-architecture.
+"""Figures of a report (PNG and PDF): accuracy vs wall-clock and vs steps, speedup, accuracy per evaluation.
 
 Draws what ``dd_bench.report.aggregate`` aggregated; computes nothing new. Figures are built on
 ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no display, no global state);
@@ -39,21 +39,24 @@ def write_plots(report: Report, out_dir: str | Path) -> list[Path]:
         suffix = f"_{_slug(group)}" if several else ""
         curves = report.curves[report.curves["group"] == group]
         cells = report.cells[report.cells["group"] == group]
-        footer = f"eval {group}. Error bars: ± std over all evaluation runs of all seeds. {_footer(report, group)}"
+        if curves.empty:  # snapshots and curves exist for the first architecture of each protocol only
+            continue
+        footer = (f"eval {group}. x: init + distillation seconds (+ production for final sets). Error bars: ± std "
+                  f"over all evaluation runs of all seeds. {_footer(report, group)}")
         written += _figure(out_dir / f"accuracy_vs_time{suffix}", cells, footer,
-                           lambda ax, key: _accuracy_vs(ax, curves, cells, key, colors, "distill_seconds"))
+                           lambda ax, key: _accuracy_vs(ax, curves, cells, key, colors, "seconds"))
         iterative = curves[curves["step"] > 0]
         if iterative.empty:
             log.info("plots: no method took distillation steps under eval %s; accuracy-vs-steps skipped", group)
         else:
             written += _figure(out_dir / f"accuracy_vs_steps{suffix}", cells, footer,
                                lambda ax, key: _accuracy_vs(ax, curves, cells, key, colors, "step"))
-        if report.speedup_vs is not None:
-            cost = report.cost[report.cost["group"] == group]
-            note = (f"eval {group}. Speedup = distillation seconds of {report.speedup_vs} ÷ the method's "
-                    f"(preparation excluded). {_footer(report, group)}")
-            written += _figure(out_dir / f"speedup{suffix}", cells, note,
-                               lambda ax, key: _speedup(ax, cost, key, colors, report.speedup_vs))
+    if report.speedup_vs is not None and report.groups:
+        cells = report.cells[report.cells["group"] == report.groups[0]]
+        note = (f"Speedup = (adapt + produce seconds) of {report.speedup_vs} ÷ the method's, same dataset and IPC "
+                f"(preparation excluded). {_footer(report, report.groups[0])}")
+        written += _figure(out_dir / "speedup", cells, note,
+                           lambda ax, key: _speedup(ax, report.cost, key, colors, report.speedup_vs))
     if several:
         size = (max(4.0, 1.4 * len(report.groups) + 2), max(2.5, 0.55 * report.cells["method"].nunique() + 1.2))
         footer = "Mean accuracy (%) of each method (rows) under each evaluation protocol (columns). " + " ".join(
@@ -118,7 +121,7 @@ def _accuracy_vs(ax: Any, curves: pd.DataFrame, cells: pd.DataFrame, key: tuple[
             ax.axhline(cell.mean, ls="--", lw=1, color=colors[cell.method], label=f"{cell.method} (reference)")
             continue
         points = here[here["method"] == cell.method].sort_values("step")
-        if x == "distill_seconds" and (points[x] <= 0).any():
+        if x == "seconds" and (points[x] <= 0).any():
             log.info("plots: %s %s ipc %d: points at 0 s left off the log axis", cell.method, dataset, ipc)
             points = points[points[x] > 0]
         if points.empty or (x == "step" and points["step"].max() <= 0):
@@ -127,7 +130,7 @@ def _accuracy_vs(ax: Any, curves: pd.DataFrame, cells: pd.DataFrame, key: tuple[
         ax.errorbar(points[x], points["mean"], yerr=points["std"], marker="o", ms=4, capsize=3, lw=1.2,
                     color=colors[cell.method], label=cell.method + partial)
         plotted += points[x].tolist()
-    if x == "distill_seconds":
+    if x == "seconds":
         _log_seconds_axis(ax, plotted)
     else:
         ax.set_xlim(left=0)
@@ -163,7 +166,7 @@ def _speedup(ax: Any, cost: pd.DataFrame, key: tuple[str, int], colors: dict, re
     for i, value in enumerate(here["speedup"]):
         ax.annotate(f"{value:.3g}×", (i, value), ha="center", va="bottom", fontsize=7)
     ax.set_xlabel("")
-    ax.set_ylabel(f"speedup vs {reference} (distill s, log)")
+    ax.set_ylabel(f"speedup vs {reference} (log)")
     ax.tick_params(axis="x", rotation=30)
 
 

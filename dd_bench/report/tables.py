@@ -1,8 +1,5 @@
-"""Report files from the result store: tables (Markdown, LaTeX, CSV), plots and image grids.
-
-``dd_bench.report.aggregate`` turns records into frames; this module renders them and writes
-``table.*`` and ``cost.*`` (and, through ``plots`` and ``grids``, the figures).
-"""
+"""Tables of a report: accuracy per (protocol · architecture), cross-architecture, cost; as
+Markdown, LaTeX (booktabs, with the protocol line under every table) and CSV."""
 
 from __future__ import annotations
 
@@ -14,39 +11,53 @@ import numpy as np
 import pandas as pd
 
 from dd_bench.report.aggregate import (FAILED, NOT_REACHED, PARTIAL, Report, accuracy_wide, build_report, cell_text,
-                                       failure_lines, protocol_line, stored_speedup_vs)
+                                       cross_arch_wide, failure_lines, protocol_line, stored_speedup_vs, suite_totals)
 
 log = logging.getLogger(__name__)
-
 
 
 # -- rendering -------------------------------------------------------------------------------
 def _accuracy_notes(report: Report, group: str) -> list[str]:
     cells = report.cells[report.cells["group"] == group]
     refs = list(dict.fromkeys(cells[cells["reference"]]["method"]))
+    lower = list(dict.fromkeys(cells[cells["lower_reference"]]["method"]))
+    gain = (f" In brackets: gain over {lower[0]} in points at the same dataset, IPC and protocol (DD-Ranking's IOR)."
+            if lower and cells["gain"].notna().any() else "")
     return [f"Accuracy (%) on the real test set, eval {group}: mean ± std over all evaluation runs of all seeds "
-            "(runs and seeds pooled, population std). Best method per row in bold"
-            + (f" (reference columns {', '.join(refs)} excluded)" if refs else "") + ". "
-            "'failed': every seed failed; 'missing': no record; '(k/m seeds)': only k of m seeds finished.",
-            protocol_line(report.frame[report.frame["group"] == group])]
+            "(runs and seeds pooled, population std); each network trained for the protocol's full length and "
+            "tested once. Best method per row in bold"
+            + (f" (reference columns {', '.join(refs)} excluded)" if refs else "") + "." + gain +
+            " 'failed': every seed failed; 'missing': no record; '(k/m seeds)': only k of m seeds finished.",
+            protocol_line(report.frame[report.frame["group"] == group]), *report.notes]
 
 
-def _cost_notes(report: Report, group: str) -> list[str]:
-    frame = report.frame[report.frame["group"] == group]
+def _cost_notes(report: Report) -> list[str]:
+    frame = report.frame
     kinds = ", ".join(k for k in dict.fromkeys(frame["memory_kind"]) if k) or "?"
-    notes = [f"Cost per cell, eval {group}: means over finished seeds; prepare = one-off build (max over seeds; "
-             f"cached builds report 0); peak memory per phase prepare/distill/evaluate in MiB ({kinds})."]
+    notes = ["Cost per set: means over finished seeds. adapt s = init + distillation steps (a generator adapted "
+             "once and deployed at several IPCs shows the same adaptation on each, marked 'shared by'); produce s = "
+             "making the set after the steps (a generator's forward pass at that IPC); prepare s = build time of "
+             "the shared artifact the cell used (reported even when it was cached, marked *); evaluate s = all "
+             f"evaluations of that set. Peak memory per phase prepare/distill/evaluate in MiB ({kinds})."]
     if report.speedup_vs is None:
         notes.append("No speedup reference: pass --speedup-vs LABEL or set report.speedup_vs in the suite.")
     else:
-        how = ("linear interpolation between snapshots" if report.interpolate
-               else "first evaluated snapshot or final set reaching it, not interpolated")
-        notes.append(f"Speedup = distillation seconds of {report.speedup_vs} ÷ the method's, same dataset and IPC "
-                     f"(in brackets: including preparation). Time to acc. = distillation seconds until the seed-pooled "
-                     f"mean accuracy reaches {report.speedup_vs}'s final accuracy in that row ({how}); "
-                     f"'{NOT_REACHED}' when it never does. 'selection': a baseline that picks real images "
-                     "and takes no distillation steps has no speedup.")
-    return notes + [protocol_line(frame)]
+        how = ("linear interpolation before that point" if report.interpolate else "not interpolated")
+        first = report.groups[0] if report.groups else "?"
+        notes.append(f"Speedup = (adapt + produce seconds) of {report.speedup_vs} ÷ the method's, same dataset and "
+                     f"IPC; preparation excluded (its one-off cost is shown). Time to acc. = adapt seconds at the "
+                     f"first evaluated snapshot (or final set) from which the seed-pooled mean accuracy under "
+                     f"{first} reaches {report.speedup_vs}'s final accuracy in that row and stays at or above it "
+                     f"({how}); '{NOT_REACHED}' when it does not end there. 'selection': a baseline that picks real "
+                     "images takes no distillation steps and has no speedup.")
+    totals = suite_totals(frame)
+    notes.append(f"Suite totals: adaptation {_seconds(totals['adaptation_seconds'])} s (each cell once, however many "
+                 f"IPCs it served), production {_seconds(totals['production_seconds'])} s, preparation "
+                 f"{_seconds(totals['prepare_seconds'])} s (each artifact once), evaluation "
+                 f"{_seconds(totals['evaluate_seconds'])} s.")
+    if report.groups:
+        notes.append(protocol_line(frame[frame["group"] == report.groups[0]]))
+    return notes + report.notes
 
 
 def _seconds(x: float) -> str:
@@ -57,21 +68,25 @@ def _mib(x: float) -> str:
     return "–" if x != x else f"{x:.0f}"
 
 
-def cost_display(report: Report, group: str) -> pd.DataFrame:
-    """The cost table of one eval group as strings, rows (dataset, ipc, method)."""
+def cost_display(report: Report) -> pd.DataFrame:
+    """The cost table as strings, rows (dataset, ipc, method)."""
     rows = {}
-    for c in report.cost[report.cost["group"] == group].itertuples():
+    for c in report.cost.itertuples():
         done = c.status != FAILED
+        adapt = _seconds(c.init_seconds + c.distill_seconds)
+        if c.shared_by:
+            adapt += f" (adapted at {c.adapt_ipc}, shared by {'/'.join(map(str, c.shared_by))})"
         row = {"status": c.status if c.status != PARTIAL else f"{c.seeds} seeds ok, others failed",
-               "seeds": c.seeds, "steps": f"{c.steps:.0f}" if done else "–", "prepare s": _seconds(c.prepare_seconds),
-               "distill s": _seconds(c.distill_seconds), "s/step": _seconds(c.seconds_per_step),
+               "seeds": c.seeds, "steps": f"{c.steps:.0f}" if done else "–", "adapt s": adapt if done else "–",
+               "init s": _seconds(c.init_seconds), "s/step": _seconds(c.seconds_per_step),
+               "produce s": _seconds(c.produce_seconds),
+               "prepare s": _seconds(c.prepare_seconds) + ("*" if c.prepare_cached and c.prepare_seconds > 0 else ""),
                "evaluate s": _seconds(c.evaluate_seconds),
                "peak MiB p/d/e": "/".join(_mib(m) for m in (c.peak_prepare_mb, c.peak_distill_mb, c.peak_evaluate_mb)),
                "device": c.device or "–"}
         if report.speedup_vs is not None:
             row[f"speedup vs {report.speedup_vs}"] = "selection" if done and c.steps == 0 else (
-                "–" if c.speedup != c.speedup else
-                f"{c.speedup:.3g}× ({c.speedup_incl_prepare:.3g}×)")
+                "–" if c.speedup != c.speedup else f"{c.speedup:.3g}×")
             row[f"time to {report.speedup_vs} acc."] = ("–" if not done or c.tta_target != c.tta_target
                                                           else NOT_REACHED if not c.tta_reached
                                                           else f"{_seconds(c.tta_seconds)} s (step {c.tta_step:.0f})")
@@ -125,14 +140,30 @@ def _markdown_sections(report: Report, title: str, table: Any, notes: Any) -> st
     return "\n".join(parts)
 
 
+def _bold(cell: Any) -> str:
+    return f"**{cell_text(cell)}**" if cell.best else cell_text(cell)
+
+
 def accuracy_markdown(report: Report) -> str:
-    bold = lambda c: f"**{cell_text(c)}**" if c.best else cell_text(c)  # noqa: E731
-    text = _markdown_sections(report, "Accuracy (%)", lambda g: accuracy_wide(report.cells, g, bold), _accuracy_notes)
+    text = _markdown_sections(report, "Accuracy (%)", lambda g: accuracy_wide(report.cells, g, _bold), _accuracy_notes)
     return "\n".join([text, *failure_lines(report.frame)]).rstrip() + "\n"
 
 
 def cost_markdown(report: Report) -> str:
-    return _markdown_sections(report, "Cost", lambda g: cost_display(report, g), _cost_notes).rstrip() + "\n"
+    parts = ["## Cost", "", markdown(cost_display(report)), ""] + [n + "  " for n in _cost_notes(report)]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def cross_arch_markdown(report: Report) -> str | None:
+    """One table per protocol evaluated on several architectures (rows methods, columns architectures)."""
+    parts = []
+    for name in report.protocol_names:
+        table = cross_arch_wide(report.cells, name, lambda c: cell_text(c, with_gain=False))
+        if table is not None:
+            parts += [f"## Cross-architecture accuracy (%), protocol {name}", "", markdown(table), "",
+                      f"Sets distilled once, each scored by protocol {name} on every architecture; mean ± std over "
+                      "all runs of all seeds.  ", ""]
+    return "\n".join(parts).rstrip() + "\n" if parts else None
 
 
 def accuracy_latex(report: Report) -> str:
@@ -142,7 +173,17 @@ def accuracy_latex(report: Report) -> str:
 
 
 def cost_latex(report: Report) -> str:
-    return "\n".join(latex(cost_display(report, g), f"Cost, eval {g}", _cost_notes(report, g)) for g in report.groups)
+    return latex(cost_display(report), "Cost", _cost_notes(report))
+
+
+def cross_arch_latex(report: Report) -> str | None:
+    tables = []
+    for name in report.protocol_names:
+        table = cross_arch_wide(report.cells, name, lambda c: cell_text(c, with_gain=False))
+        if table is not None:
+            tables.append(latex(table, f"Cross-architecture accuracy (%), protocol {name}",
+                                [f"Sets distilled once, each scored by protocol {name} on every architecture."]))
+    return "\n".join(tables) if tables else None
 
 
 def _with_protocol(report: Report, table: pd.DataFrame) -> pd.DataFrame:
@@ -151,20 +192,31 @@ def _with_protocol(report: Report, table: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_tables(report: Report) -> list[Path]:
-    """table.md/.tex/.csv (accuracy) and cost.md/.tex/.csv in the store directory."""
+    """table.md/.tex/.csv (accuracy), cost.md/.tex/.csv, and cross_arch.md/.tex/.csv when a protocol
+    was evaluated on several architectures, in the store directory."""
     d = report.directory
     files = {d / "table.md": accuracy_markdown(report), d / "table.tex": accuracy_latex(report),
              d / "cost.md": cost_markdown(report), d / "cost.tex": cost_latex(report)}
+    cross_md, cross_tex = cross_arch_markdown(report), cross_arch_latex(report)
+    if cross_md is not None:
+        files[d / "cross_arch.md"], files[d / "cross_arch.tex"] = cross_md, cross_tex
     for path, text in files.items():
         path.write_text(text)
-    _with_protocol(report, report.cells).to_csv(d / "table.csv", index=False)
-    _with_protocol(report, report.cost).to_csv(d / "cost.csv", index=False)
-    return [*files, d / "table.csv", d / "cost.csv"]
+    cells = _with_protocol(report, report.cells)
+    cells.to_csv(d / "table.csv", index=False)
+    report.cost.to_csv(d / "cost.csv", index=False)
+    written = [*files, d / "table.csv", d / "cost.csv"]
+    if cross_md is not None:
+        cells.assign(architecture=cells["eval"].str.split(" · ").str[1]).to_csv(d / "cross_arch.csv", index=False)
+        written.append(d / "cross_arch.csv")
+    return written
 
 
-def summary(directory: str | Path, speedup_vs: str | None = None) -> str:
-    """The text printed at the end of a run and by ``dd-bench report``: both tables with their notes."""
-    report = build_report(directory, speedup_vs or stored_speedup_vs(directory))
+def summary(directory: str | Path, speedup_vs: str | None = None, protocol: str | None = None,
+            model: str | None = None) -> str:
+    """The text printed at the end of a run and by ``dd-bench report``: the tables with their notes."""
+    report = build_report(directory, speedup_vs or stored_speedup_vs(directory), protocol=protocol, model=model)
     if report is None:
         return "(no results yet)"
-    return accuracy_markdown(report) + "\n\n" + cost_markdown(report)
+    cross = cross_arch_markdown(report)
+    return accuracy_markdown(report) + ("\n\n" + cross if cross else "") + "\n\n" + cost_markdown(report)

@@ -7,13 +7,14 @@ How a run flows:
 - the driver resolves every path to an absolute one (trials run in other processes, maybe other
   machines), puts the cells and options in Ray's object store once (``tune.with_parameters``) and
   grids over cell indices, so a trial's config is just ``{"cell_index": i}``;
-- a trial runs ``execute_cell`` (which turns a cell's exception into a "failed" record) and reports
+- a trial runs ``execute_cell`` (which turns a cell's exception into a "failed" record; a finished
+  cell whose suite gained evaluations only has its saved sets evaluated) and reports
   the record, JSON-encoded, as its one and only result;
 - ``_StoreRecorder``, a Tune callback in the driver, appends that record to the ``ResultStore`` the
   moment the result arrives. The driver is the only writer, so a cell is appended at most once per
   run; a trial that dies without a record (worker crash, an exception escaping the trainable) is
   appended as a "failed" record with Tune's error text. A driver killed mid-run leaves only whole
-  records behind, and a rerun executes just the cells without one (``pending_cells``).
+  records behind, and a rerun executes just the cells without one (``dd_bench.run.runner.plan``).
 
 Multi-node clusters (``address``): trials write synthetic sets and shared artifacts straight to
 ``options.results_dir`` and ``options.cache_dir``, and read data from the suite's ``data.root``,
@@ -36,13 +37,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Callback
+import cloudpickle
+import ray
+from ray import tune
+from ray.tune import CLIReporter, Callback
 
-from dd_bench.run.allocator import allocator_env
+from dd_bench.data import DATASETS
 from dd_bench.errors import ConfigError
+from dd_bench.method import METHODS
+from dd_bench.nets import MODELS
+from dd_bench.run.allocator import allocator_env
+from dd_bench.run.cells import Cell
+from dd_bench.run.runner import Executor, RunOptions, WorkItem, execute_cell
 from dd_bench.run.store import CellResult, ResultStore, finite_json
-from dd_bench.run.runner import Executor, RunOptions, execute_cell
-from dd_bench.run.suite import Cell, Suite
+from dd_bench.run.suite import Suite
 
 log = logging.getLogger(__name__)
 
@@ -80,37 +88,36 @@ def make_ray_executor(address: str | None = None, *, verbose: int = 1, keep_tune
     errored, unless ``keep_tune_dir``.
     """
 
-    def run_ray(cells: list[Cell], options: RunOptions, store: ResultStore, suite: Suite) -> list[dict[str, Any]]:
-        return _run(cells, options, store, suite, address=address, verbose=verbose, keep_tune_dir=keep_tune_dir)
+    def run_ray(items: list[WorkItem], options: RunOptions, store: ResultStore, suite: Suite) -> list[dict[str, Any]]:
+        return _run(items, options, store, suite, address=address, verbose=verbose, keep_tune_dir=keep_tune_dir)
 
     return run_ray
 
 
 # -- driver ---------------------------------------------------------------------------------
-def _run(cells: list[Cell], options: RunOptions, store: ResultStore, suite: Suite, *, address: str | None,
+def _run(items: list[WorkItem], options: RunOptions, store: ResultStore, suite: Suite, *, address: str | None,
          verbose: int, keep_tune_dir: bool) -> list[dict[str, Any]]:
-    if not cells:
+    if not items:
         return []
-    trial_cells = [_absolute_cell(cell) for cell in cells]
+    cells = [item.cell for item in items]
+    trial_items = [dataclasses.replace(item, cell=_absolute_cell(item.cell)) for item in items]
     trial_options = dataclasses.replace(
         options, results_dir=Path(options.results_dir).expanduser().resolve(),
         cache_dir=Path(options.cache_dir).expanduser().resolve(),
-        progress=False)  # Tune's status table is the progress; per-cell bars from workers would interleave
+        progress=False,  # Tune's status table is the progress; per-cell bars from workers would interleave
+        gpu_share=suite.ray.gpus_per_cell or None)
     resources = {"cpu": suite.ray.cpus_per_cell, "gpu": suite.ray.gpus_per_cell}
     if suite.ray.gpus_per_cell == 0 and str(options.device).startswith("cuda"):
         log.warning("device %s, but ray.gpus_per_cell is 0: Ray reserves no GPU for the cells", options.device)
 
     with _environment(_RAY_ENV):
-        return _run_tune(cells, trial_cells, trial_options, store, suite, resources, address=address,
+        return _run_tune(cells, trial_items, trial_options, store, suite, resources, address=address,
                          verbose=verbose if options.progress else 0, keep_tune_dir=keep_tune_dir)
 
 
-def _run_tune(cells: list[Cell], trial_cells: list[Cell], trial_options: RunOptions, store: ResultStore, suite: Suite,
+def _run_tune(cells: list[Cell], trial_items: list[WorkItem], trial_options: RunOptions, store: ResultStore, suite: Suite,
               resources: dict[str, float], *, address: str | None, verbose: int,
               keep_tune_dir: bool) -> list[dict[str, Any]]:
-    import ray
-    from ray import tune
-
     started = _init_ray(address)
     recorder = _StoreRecorder(cells, store)
     tune_root = trial_options.results_dir / TUNE_DIR
@@ -118,7 +125,7 @@ def _run_tune(cells: list[Cell], trial_cells: list[Cell], trial_options: RunOpti
     try:
         _check_resources(resources, joined=address is not None)
         trainable = tune.with_resources(
-            tune.with_parameters(_cell_trial, cells=trial_cells, options=trial_options, plugins=_plugin_modules(),
+            tune.with_parameters(_cell_trial, items=trial_items, options=trial_options, plugins=_plugin_modules(),
                                  driver_sys_path=list(sys.path)),
             resources)
         tuner = tune.Tuner(
@@ -157,8 +164,6 @@ def _run_tune(cells: list[Cell], trial_cells: list[Cell], trial_options: RunOpti
 
 def _init_ray(address: str | None) -> bool:
     """Start or join Ray unless this process already did; True when we started it (and must stop it)."""
-    import ray
-
     if ray.is_initialized():
         log.info("Ray: using the instance this process already initialised")
         return False
@@ -207,8 +212,6 @@ def _quiet_missing_metrics():
 
 
 def _check_resources(resources: dict[str, float], joined: bool) -> None:
-    import ray
-
     have = ray.cluster_resources()
     for key, field in (("cpu", "cpus_per_cell"), ("gpu", "gpus_per_cell")):
         need, total = resources[key], have.get(key.upper(), 0.0)
@@ -228,10 +231,6 @@ def _absolute_cell(cell: Cell) -> Cell:
 def _plugin_modules() -> list[str]:
     """Modules of methods, datasets and models registered in the driver (a script, a test, an entry
     point) that workers must import too: a fresh worker process only knows the built-in ones."""
-    from dd_bench.data import DATASETS
-    from dd_bench.method import METHODS
-    from dd_bench.nets import MODELS
-
     modules = set()
     for registry in (METHODS, DATASETS, MODELS):
         for name in registry.names():
@@ -239,15 +238,13 @@ def _plugin_modules() -> list[str]:
             if module == "__main__":
                 log.warning("%s %r is defined in __main__, which Ray workers cannot import: put it in a module",
                             registry.kind, name)
-            elif module and module.split(".")[0] not in ("dd_bench", "methods"):
+            elif module and module.split(".")[0] != "dd_bench":
                 modules.add(module)
     return sorted(modules)
 
 
 def _reporter() -> Any:
-    from ray.tune import CLIReporter
-
-    return CLIReporter(parameter_columns=[], metric_columns={"status": "result", "accuracy_mean": "acc %"},
+    return CLIReporter(parameter_columns=[], metric_columns={"status": "result", "accuracy_mean": "acc % (first eval)"},
                        max_progress_rows=40, max_error_rows=10, max_report_frequency=30)
 
 
@@ -316,8 +313,8 @@ class _StoreRecorder(Callback):
             self.store.append(record)
         self.records[index] = record
         if record["status"] == "ok":
-            log.info("%s: %.2f ± %.2f %% (%d steps, %.1f s distill)", cell.describe(), record["accuracy_mean"],
-                     record["accuracy_std"], record["steps"], record["distill_seconds"])
+            log.info("%s: %d steps, %.1f s distill, %d evaluation(s)", cell.describe(), record["steps"],
+                     record["distill_seconds"], len(record.get("evaluations", [])))
         else:
             log.error("cell %s (%s) failed: %s", cell.cell_id, cell.describe(), record["error"])
 
@@ -325,7 +322,8 @@ class _StoreRecorder(Callback):
         cell = self.cells[index]
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         return CellResult(cell.cell_id, cell.suite, "failed", cell.method, cell.label, cell.dataset, cell.ipc,
-                          cell.seed, config=cell.params, protocol=cell.protocol.to_dict(),
+                          cell.seed, config=cell.params, method_version=cell.version,
+                          deploy_ipc=list(cell.deploy_ipc), data=cell.data.identity(),
                           budget=dataclasses.asdict(cell.budget), error=error, traceback=trace or None,
                           finished_at=now).to_dict()
 
@@ -341,8 +339,6 @@ def _trial_error(trial: Any) -> tuple[str, str]:
     line = ""
     try:
         if trial.pickled_error_file and Path(trial.pickled_error_file).is_file():
-            import cloudpickle
-
             with open(trial.pickled_error_file, "rb") as handle:
                 error = cloudpickle.load(handle)
             message = next((s.strip() for s in str(error).splitlines() if s.strip()), "")
@@ -356,20 +352,19 @@ def _trial_error(trial: Any) -> tuple[str, str]:
 
 
 # -- worker ---------------------------------------------------------------------------------
-def _cell_trial(config: dict[str, Any], cells: list[Cell], options: RunOptions, plugins: list[str],
+def _cell_trial(config: dict[str, Any], items: list[WorkItem], options: RunOptions, plugins: list[str],
                 driver_sys_path: list[str]) -> None:
-    """The function trainable: one cell, one reported result (the record)."""
-    from ray import tune
-
+    """The function trainable: one cell (or a finished cell's missing evaluations), one reported result."""
     _import_plugins(plugins, driver_sys_path)
-    cell = cells[config["cell_index"]]
-    record = execute_cell(cell, dataclasses.replace(options, device=_trial_device(options.device)))
+    item = items[config["cell_index"]]
+    record = execute_cell(item.cell, dataclasses.replace(options, device=_trial_device(options.device)), item.existing)
     payload = record.to_dict()
     try:
         encoded = json.dumps(payload, sort_keys=True, default=str, allow_nan=False)
     except ValueError:  # a NaN or infinity: keep the record, with those values as null
         encoded = json.dumps(finite_json(payload), sort_keys=True, default=str)
-    tune.report({RECORD_KEY: encoded, "status": record.status, "accuracy_mean": record.accuracy_mean})
+    first = record.evaluations[0]["accuracy_mean"] if record.evaluations else None
+    tune.report({RECORD_KEY: encoded, "status": record.status, "accuracy_mean": first})
 
 
 def _import_plugins(plugins: list[str], driver_sys_path: list[str]) -> None:
@@ -387,8 +382,6 @@ def _import_plugins(plugins: list[str], driver_sys_path: list[str]) -> None:
 def _trial_device(device: str) -> str:
     """The device a trial computes on: the GPU(s) Ray assigned it (CUDA_VISIBLE_DEVICES is set to
     them, so they are cuda:0...), or the CPU when it was assigned none and the suite says auto."""
-    import ray
-
     gpus = ray.get_gpu_ids()
     if device == "auto":
         return "cuda" if gpus else "cpu"

@@ -1,16 +1,22 @@
-"""Suites: a YAML file -> a validated ``Suite`` -> a grid of ``Cell``s.
+"""Suites: a YAML file -> a validated ``Suite`` -> a grid of ``Cell``s, each with its evaluations.
 
-Validation happens before any work: an unknown key, an unknown method or dataset, a
-non-positive IPC or a malformed budget is one ``ConfigError`` naming the field and the value.
+Validation happens before any work: an unknown key, an unknown method, dataset, model or
+protocol preset, a non-positive IPC, ``deploy_ipc`` for a method that cannot deploy, or a
+malformed budget is one ``ConfigError`` naming the field and the value.
 
-A cell is one (method, dataset, ipc, seed) point with everything resolved (the method's full
-config with paper defaults filled in, the budget, the evaluation protocol). Its id is a hash of
-that resolved config, so a re-run knows what is already done and a changed parameter is a new cell.
+A suite names datasets, methods (with ``params``, their own ``ipc``, ``deploy_ipc`` for
+generators and ``data`` overrides such as ZCA), IPCs, seeds, one budget for every method
+(matched by construction), and how the sets are scored:
+
+- ``protocol:`` (one) or ``protocols:`` (a mapping name -> preset name, or a mapping that may
+  start from a preset: ``paper: {preset: auto, runs: 10}``); default: one protocol named
+  ``main`` with the base fields (DC's loop; ``epochs`` and ``augment`` as each method's paper);
+- ``models:`` evaluation architectures (names, or the official pools ``M``, ``B``, ``MTT``):
+  every protocol is run on every model; without it each protocol uses its own ``model``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,25 +25,22 @@ from typing import Any, Literal
 import yaml
 
 from dd_bench.budget import Budget
+from dd_bench.config import build_config
 from dd_bench.data import DATASETS
 from dd_bench.errors import ConfigError
-from dd_bench.eval.evaluate import EvalProtocol
-from dd_bench.config import build_config
-from dd_bench.method import METHODS, create_method
+from dd_bench.eval.pools import expand_models
+from dd_bench.eval.protocol import ProtocolSpec
+from dd_bench.method import METHODS, Method, create_method
 from dd_bench.nets import MODELS
+from dd_bench.run.cells import Cell, DataConfig, EvalRequest
 
 SUITE_KEYS = {
     "name", "description", "executor", "device", "data", "datasets", "ipc", "seeds", "budget",
-    "protocol", "methods", "ray", "report",
+    "protocol", "protocols", "models", "methods", "ray", "report",
 }
-METHOD_KEYS = {"name", "label", "params", "ipc"}
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    root: str = "data"
-    download: bool = False
-    zca: bool = False
+METHOD_KEYS = {"name", "label", "params", "ipc", "deploy_ipc", "data"}
+METHOD_DATA_KEYS = {"zca", "zca_mode", "zca_reg"}
+DEFAULT_PROTOCOL = "main"
 
 
 @dataclass(frozen=True)
@@ -70,42 +73,8 @@ class MethodEntry:
     label: str
     params: dict[str, Any]
     ipc: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One unit of work. Everything that can change its result is in ``resolved()``."""
-
-    suite: str
-    method: str
-    label: str
-    params: dict[str, Any]
-    dataset: str
-    ipc: int
-    seed: int
-    budget: Budget
-    protocol: EvalProtocol
-    data: DataConfig
-
-    def resolved(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "params": self.params,
-            "dataset": self.dataset,
-            "ipc": self.ipc,
-            "seed": self.seed,
-            "budget": asdict(self.budget),
-            "protocol": self.protocol.to_dict(),
-            "zca": self.data.zca,
-        }
-
-    @property
-    def cell_id(self) -> str:
-        blob = json.dumps(self.resolved(), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def describe(self) -> str:
-        return f"{self.label} {self.dataset} ipc={self.ipc} seed={self.seed}"
+    deploy_ipc: tuple[int, ...] = ()
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -119,26 +88,37 @@ class Suite:
     ipc: tuple[int, ...]
     seeds: tuple[int, ...]
     budget: Budget
-    protocol: EvalProtocol
+    protocols: tuple[ProtocolSpec, ...]
     methods: tuple[MethodEntry, ...]
+    models: tuple[str, ...] | None = None
     ray: RayConfig = field(default_factory=RayConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     path: str | None = None
 
     def cells(self) -> list[Cell]:
-        """The grid method × dataset × ipc × seed, in a stable order."""
+        """The grid method × dataset × ipc × seed, in a stable order, each with its evaluations."""
         cells = []
         for entry in self.methods:
             method = create_method(entry.name, entry.params)
             params = _jsonable(asdict(method.config))
+            data = DataConfig(**{**asdict(self.data), **entry.data})
+            requests = self.requests_for(type(method))
             for dataset in self.datasets:
                 for ipc in entry.ipc or self.ipc:
                     for seed in self.seeds:
-                        cells.append(
-                            Cell(self.name, METHODS.canonical(entry.name), entry.label, params, dataset, ipc, seed,
-                                 self.budget, self.protocol, self.data)
-                        )
+                        cells.append(Cell(self.name, METHODS.canonical(entry.name), entry.label, params,
+                                          type(method).version, dataset, ipc, seed, self.budget, data,
+                                          entry.deploy_ipc, requests))
         return cells
+
+    def requests_for(self, method: type[Method]) -> tuple[EvalRequest, ...]:
+        """Every (protocol, model) evaluation of a method's sets, in suite order; the first is primary."""
+        requests = []
+        for spec in self.protocols:
+            protocol = spec.protocol_for(method.paper_protocol, f"protocols.{spec.name}")
+            for model in self.models or (protocol.model,):
+                requests.append(EvalRequest(spec.name, protocol, model, primary=not requests))
+        return tuple(requests)
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -179,9 +159,8 @@ def parse_suite(raw: Any, default_name: str = "suite", path: str | None = None) 
     ipcs = _positive_ints(raw.get("ipc"), "ipc")
     seeds = _ints(raw.get("seeds", [0]), "seeds")
     budget = _section(Budget, raw.get("budget"), "budget", required=True)
-    protocol = _section(EvalProtocol, raw.get("protocol", {}), "protocol")
-    if protocol.model not in MODELS:
-        raise ConfigError(f"protocol.model: unknown model {protocol.model!r}. Available: {', '.join(MODELS.names())}")
+    protocols = _protocols(raw)
+    models = _models(raw.get("models"))
     data = _section(DataConfig, raw.get("data", {}), "data")
     ray = _section(RayConfig, raw.get("ray", {}), "ray")
     report = _section(ReportConfig, raw.get("report", {}), "report")
@@ -190,9 +169,39 @@ def parse_suite(raw: Any, default_name: str = "suite", path: str | None = None) 
         raise ConfigError(f"report.speedup_vs: {report.speedup_vs!r} is not a method label of this suite")
 
     suite = Suite(name, str(raw.get("description", "")), executor, device, data, datasets, ipcs, seeds, budget,
-                  protocol, methods, ray, report, path)
-    suite.cells()  # builds every method config once, so a bad parameter fails here, before any work
+                  protocols, methods, models, ray, report, path)
+    for cell in suite.cells():  # builds every method config once, so a bad parameter fails here, before any work
+        for request in cell.requests:
+            if request.model not in MODELS:
+                raise ConfigError(f"protocols.{request.name}.model: unknown model {request.model!r}. "
+                                  f"Available: {', '.join(MODELS.names())}")
     return suite
+
+
+def _protocols(raw: dict[str, Any]) -> tuple[ProtocolSpec, ...]:
+    if "protocol" in raw and "protocols" in raw:
+        raise ConfigError("protocols: give `protocol` (one) or `protocols` (several), not both")
+    if "protocols" not in raw:
+        return (ProtocolSpec.parse(DEFAULT_PROTOCOL, raw.get("protocol") or {}, "protocol"),)
+    specs = raw["protocols"]
+    if not isinstance(specs, dict) or not specs:
+        raise ConfigError(f"protocols: expected a non-empty mapping name -> preset or fields, got {specs!r}")
+    for name in specs:
+        if not isinstance(name, str) or not name or "·" in name:
+            raise ConfigError(f"protocols: invalid protocol name {name!r}")
+    return tuple(ProtocolSpec.parse(name, spec, f"protocols.{name}") for name, spec in specs.items())
+
+
+def _models(raw: Any) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    names = _names(raw, "models")
+    models = expand_models(names)
+    for i, model in enumerate(models):
+        if model not in MODELS:
+            raise ConfigError(f"models[{i}]: unknown model {model!r}. Available: {', '.join(MODELS.names())} "
+                              "(or the pools M, B, MTT)")
+    return tuple(MODELS.canonical(m) for m in models)
 
 
 def _methods(raw: Any, suite_ipcs: tuple[int, ...]) -> tuple[MethodEntry, ...]:
@@ -216,9 +225,19 @@ def _methods(raw: Any, suite_ipcs: tuple[int, ...]) -> tuple[MethodEntry, ...]:
         params = item.get("params") or {}
         if not isinstance(params, dict):
             raise ConfigError(f"{where}.params: expected a mapping, got {params!r}")
-        build_config(METHODS.get(name).Config, params, f"{where}.params")
+        method = METHODS.get(name)
+        build_config(method.Config, params, f"{where}.params")
         ipc = _positive_ints(item["ipc"], f"{where}.ipc") if "ipc" in item else None
-        entries.append(MethodEntry(name, label, params, ipc))
+        deploy_ipc = _positive_ints(item["deploy_ipc"], f"{where}.deploy_ipc") if "deploy_ipc" in item else ()
+        if deploy_ipc and not method.supports_deploy():
+            raise ConfigError(f"{where}.deploy_ipc: method {name!r} cannot deploy at other IPCs (it has no deploy()); "
+                              f"give it `ipc: {list(deploy_ipc)}` instead")
+        data = item.get("data") or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}.data: expected a mapping, got {data!r}")
+        _reject_unknown(data, METHOD_DATA_KEYS, f"{where}.data")
+        build_config(DataConfig, data, f"{where}.data")
+        entries.append(MethodEntry(name, label, params, ipc, tuple(dict.fromkeys(deploy_ipc)), data))
     return tuple(entries)
 
 

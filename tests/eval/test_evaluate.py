@@ -1,10 +1,16 @@
 import torch
 
 import dd_bench.eval.evaluate as evaluate_module
-from dd_bench.eval.evaluate import EvalProtocol, evaluate
+from dd_bench.eval.evaluate import evaluate
+from dd_bench.eval.protocol import EvalProtocol, ProtocolSpec, resolve
 from dd_bench.method import SyntheticSet
 
 FAST = EvalProtocol(epochs=10, runs=2, batch_size=25, augment="none")
+
+
+def _resolved(data, **fields) -> EvalProtocol:
+    paper = ProtocolSpec("paper", "auto").protocol_for("dsa")
+    return resolve(EvalProtocol(**fields), paper=paper, model="ConvNet", dataset=data, set_size=20)
 
 
 def _real_set(data, per_class: int) -> SyntheticSet:
@@ -16,15 +22,16 @@ def _real_set(data, per_class: int) -> SyntheticSet:
 def test_schedule_matches_the_reference_code():
     assert EvalProtocol(epochs=300).lr_drop_epoch() == 151
     assert EvalProtocol(epochs=1000).lr_drop_epoch() == 501
+    assert EvalProtocol(epochs=1000).passes() == 1001
     text = EvalProtocol(epochs=300, runs=5, augment="none").describe()
-    assert "300 epochs" in text and "×0.1 at epoch 151" in text and "5 runs" in text
+    assert "300 epochs" in text and "×0.1 after pass 151 of 301" in text and "5 runs" in text
 
 
-def test_auto_augment_resolves_per_method():
-    assert EvalProtocol().resolved("dsa", "color_crop").augment == "dsa"
-    assert EvalProtocol().resolved("dsa", "color_crop").dsa_strategy == "color_crop"
-    assert EvalProtocol().resolved("none", "color_crop").dsa_strategy is None
-    assert EvalProtocol(augment="none").resolved("dsa", "color_crop").augment == "none"
+def test_an_unresolved_protocol_is_refused(tiny_data):
+    import pytest
+
+    with pytest.raises(ValueError, match="resolved"):
+        evaluate(_real_set(tiny_data, 1), tiny_data, EvalProtocol(epochs=1, runs=1))
 
 
 def test_training_on_real_images_beats_chance_and_is_seeded(tiny_data):
@@ -64,7 +71,22 @@ def test_learned_lr_is_used_when_present(tiny_data):
 
 
 def test_dsa_augmented_training_runs(tiny_data):
-    protocol = EvalProtocol(epochs=2, runs=1).resolved("dsa", tiny_data.dsa_strategy)
+    protocol = _resolved(tiny_data, epochs=2, runs=1)
     result = evaluate(_real_set(tiny_data, 2), tiny_data, protocol)
     assert 0.0 <= result.accuracies[0] <= 100.0
-    assert result.protocol["augment"] == "dsa"
+    assert result.protocol["augment"] == "dsa" and result.protocol["dsa_strategy"] == tiny_data.dsa_strategy
+
+
+def test_dc_augmented_training_runs_and_changes_the_result(tiny_data):
+    plain = evaluate(_real_set(tiny_data, 2), tiny_data, _resolved(tiny_data, epochs=3, runs=1, augment="none"), seed=1)
+    augmented = _resolved(tiny_data, epochs=3, runs=1, augment="dc", dc_strategy="crop_scale_rotate")
+    result = evaluate(_real_set(tiny_data, 2), tiny_data, augmented, seed=1)
+    assert result.protocol["augment"] == "dc" and result.protocol["dc_strategy"] == "crop_scale_rotate"
+    assert result.accuracies != plain.accuracies
+
+
+def test_mse_protocol_regresses_centred_one_hot_targets_for_hard_labels(tiny_data):
+    syn = _real_set(tiny_data, 1)
+    targets, _, label_type = evaluate_module.training_targets(syn, 10, EvalProtocol(hard_label_loss="mse"))
+    assert targets.shape == (10, 10) and "MSE" in label_type
+    assert torch.allclose(targets.sum(dim=1), torch.zeros(10), atol=1e-6) and targets.max() == 0.9

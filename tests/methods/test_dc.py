@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from dd_bench.errors import ConfigError
-from dd_bench.eval.evaluate import EvalProtocol, evaluate
+from dd_bench.eval.evaluate import evaluate
+from dd_bench.eval.protocol import EvalProtocol
 from dd_bench.method import METHODS, RunContext, create_method
 from dd_bench.nets import create_model
 from dd_bench.seeding import seed_everything
@@ -133,7 +134,7 @@ def test_matching_loss_falls(data) -> None:
 def test_dc_beats_its_noise_initialisation(data) -> None:
     # lr_img 1 instead of the paper's 0.1, so that six steps visibly move noise (at 0.1 the
     # images need far more steps than a unit test can afford).
-    protocol = EvalProtocol(model="ConvNetW32", epochs=100, runs=2, augment="none").resolved("none", data.dsa_strategy)
+    protocol = EvalProtocol(model="ConvNetW32", epochs=100, runs=2, augment="none")
     seed_everything(0)
     method = create_method("dc", {**TINY, "lr_img": 1.0})
     state = method.init(data, 1, RunContext())

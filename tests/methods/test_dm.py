@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dd_bench.errors import ConfigError
-from dd_bench.eval.evaluate import EvalProtocol, evaluate
+from dd_bench.eval.evaluate import evaluate
+from dd_bench.eval.protocol import EvalProtocol
 from dd_bench.method import METHODS, RunContext, SyntheticSet, create_method
 from dd_bench.nets import create_model
 from dd_bench.seeding import seed_everything
@@ -93,7 +94,7 @@ def test_distilled_set_beats_its_initialisation(data, init, margin):
     # Ten steps at IPC 1 lift noise from ~10% to 50-60% and real images by 15-25 points
     # (seeds 0-4 checked); the margins leave room.
     method, state, _ = _distil(data, ipc=1, steps=0, init=init)
-    protocol = EvalProtocol(model=SMALL_NET, epochs=40, runs=2, augment="none").resolved("dsa", data.dsa_strategy)
+    protocol = EvalProtocol(model=SMALL_NET, epochs=40, runs=2, augment="none")
     initial = evaluate(method.result(state), data, protocol, seed=1).mean
     ctx = RunContext()
     for _ in range(10):

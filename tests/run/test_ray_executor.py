@@ -151,9 +151,10 @@ def test_two_cells_run_as_trials_and_land_in_the_store(tmp_path, monkeypatch):
     assert [r["status"] for r in records] == ["ok", "ok"], [r["error"] for r in records]
     assert sorted(r["cell_id"] for r in outcome.ran) == sorted(r["cell_id"] for r in records)
     for record in records:
-        assert 0 <= record["accuracy_mean"] <= 100 and len(record["accuracies"]) == 1
-        assert record["device"].startswith("cpu")
-        assert (store.directory / record["synthetic_set"]).is_file()
+        evaluation = record["evaluations"][0]
+        assert 0 <= evaluation["accuracy_mean"] <= 100 and len(evaluation["accuracies"]) == 1
+        assert record["device"].startswith("cpu") and record["gpu_share"] is None
+        assert (store.directory / record["sets"][0]["path"]).is_file()
     assert not (store.directory / TUNE_DIR).exists(), "Tune's experiment files are removed after a clean run"
 
     again = run_suite(suite, options, executor=make_ray_executor(verbose=0))  # resume: nothing left to do
@@ -231,8 +232,8 @@ def test_recorder_appends_each_cell_exactly_once(tmp_path):
     cells = load_suite(write_suite(tmp_path, "unit", ["random"], seeds=[0, 1])).cells()
     store = ResultStore(tmp_path / "results")
     recorder = _StoreRecorder(cells, store)
-    ok = CellResult(cells[0].cell_id, "unit", "ok", "random", "random", "mnist_sample", 1, 0, config={}, protocol={},
-                    accuracy_mean=50.0, accuracy_std=0.0).to_dict()
+    ok = CellResult(cells[0].cell_id, "unit", "ok", "random", "random", "mnist_sample", 1, 0, config={},
+                    evaluations=[{"accuracy_mean": 50.0, "accuracy_std": 0.0}]).to_dict()
     first = SimpleNamespace(config={"cell_index": 0}, error_file=None, pickled_error_file=None)
     recorder.on_trial_result(1, [], first, {RECORD_KEY: json.dumps(ok)})
     recorder.on_trial_result(2, [], first, {RECORD_KEY: json.dumps(ok)})  # a repeated report

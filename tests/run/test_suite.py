@@ -12,15 +12,46 @@ def test_grid_and_resolved_params(write_suite):
     herding = [c for c in cells if c.method == "herding"]
     assert {c.ipc for c in herding} == {1}
     # Paper defaults are filled in: the resolved config is complete.
-    assert herding[0].params == {"embedding": "trained_convnet", "embed_model": "ConvNet", "embed_epochs": 2, "embed_seed": 0}
+    assert herding[0].params == {"embedding": "trained_convnet", "embed_model": "ConvNet", "embed_epochs": 2,
+                                 "embed_seed": None, "normalize": False, "kcenter_start": "mean"}
 
 
-def test_cell_ids_are_stable_and_sensitive(write_suite):
+def test_cell_ids_follow_distillation_not_evaluation(write_suite):
     a = load_suite(write_suite()).cells()[0]
     b = load_suite(write_suite()).cells()[0]
     assert a.cell_id == b.cell_id
+    # A protocol is an evaluation of the cell's sets, not part of what is distilled.
     c = load_suite(write_suite({"protocol": {"epochs": 3}})).cells()[0]
-    assert c.cell_id != a.cell_id
+    assert c.cell_id == a.cell_id and c.requests[0].key != a.requests[0].key
+    d = load_suite(write_suite({"budget": {"steps": 3}})).cells()[0]
+    e = load_suite(write_suite({"methods": [{"name": "random", "data": {"zca": True}}]})).cells()[0]
+    assert len({a.cell_id, d.cell_id, e.cell_id}) == 3
+
+
+def test_a_method_version_is_part_of_the_cell_id(write_suite, monkeypatch):
+    from dd_bench.methods.baselines import RandomReal
+
+    a = load_suite(write_suite()).cells()[0]
+    monkeypatch.setattr(RandomReal, "version", "2")
+    b = load_suite(write_suite()).cells()[0]
+    assert b.version == "2" and a.cell_id != b.cell_id
+
+
+def test_protocols_and_models_give_every_cell_its_evaluations(write_suite):
+    suite = load_suite(write_suite({"protocol": None, "protocols": {"common": "dsa", "paper": {"preset": "auto", "runs": 3}},
+                                    "models": ["ConvNet", "B"], "methods": ["random", "dm"]}))
+    random_cell, dm_cell = suite.cells()
+    groups = [r.group for r in dm_cell.requests]
+    assert groups[:2] == ["common · ConvNet", "common · ConvNetBN"] and len(groups) == 2 * 6
+    assert dm_cell.requests[0].primary and not any(r.primary for r in dm_cell.requests[1:])
+    paper = [r for r in dm_cell.requests if r.name == "paper"][0].protocol
+    assert paper.preset == "dm" and paper.runs == 3
+    assert [r for r in random_cell.requests if r.name == "paper"][0].protocol.preset == "dc"
+
+
+def test_per_method_data_settings_reach_the_cell(write_suite):
+    cell = load_suite(write_suite({"methods": [{"name": "random", "data": {"zca": True, "zca_mode": "kornia"}}]})).cells()[0]
+    assert cell.data.zca and cell.data.zca_mode == "kornia" and cell.data.identity()["zca_mode"] == "kornia"
 
 
 @pytest.mark.parametrize(
@@ -35,7 +66,13 @@ def test_cell_ids_are_stable_and_sensitive(write_suite):
         ({"budget": {"steps": -1}}, "budget.steps: invalid value -1"),
         ({"budget": {"stepz": 3}}, "budget.stepz: unknown parameter"),
         ({"protocol": {"epochs": "many"}}, "protocol.epochs: invalid value 'many'"),
-        ({"protocol": {"model": "GPT"}}, "protocol.model: unknown model 'GPT'"),
+        ({"protocol": {"model": "GPT"}}, "protocols.main.model: unknown model 'GPT'"),
+        ({"protocol": {"preset": "kip"}}, "protocol.preset: unknown preset 'kip'"),
+        ({"protocols": {"a": "dc"}}, "protocols: give `protocol` (one) or `protocols` (several), not both"),
+        ({"models": ["ConvNet", "GPT"]}, "models[1]: unknown model 'GPT'"),
+        ({"methods": [{"name": "random", "data": {"zca": "yes"}}]}, "methods[0].data.zca: invalid value 'yes'"),
+        ({"methods": [{"name": "random", "data": {"root": "/x"}}]}, "methods[0].data: unknown key 'root'"),
+        ({"methods": [{"name": "random", "deploy_ipc": [1]}]}, "methods[0].deploy_ipc: method 'random' cannot deploy"),
         ({"methods": [{"name": "herding", "params": {"embedding": "sift"}}]}, "methods[0].params.embedding: invalid value 'sift'"),
         ({"methods": [{"name": "herding", "params": {"lr": 1}}]}, "methods[0].params.lr: unknown parameter"),
         ({"methods": [{"name": "random", "typo": 1}]}, "methods[0]: unknown key 'typo'"),
