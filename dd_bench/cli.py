@@ -80,8 +80,6 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_cmd_report)
 
     bench.add_parser(commands)  # dd-bench bench: speed ratios, baselines (dd_bench/run/bench.py)
-
-    bench.add_parser(commands)  # dd-bench bench: speed ratios, baselines (dd_bench/run/bench.py)
     return parser
 
 
