@@ -167,7 +167,7 @@ def adapt_images(images: Tensor, source, target, chunk: int = 4096) -> Tensor:
     4. normalised with the target's mean/std, then the target's ZCA when it has one.
     """
     c_in, c_out = source.channels, target.channels
-    if c_in != c_out and not (c_in == 1 or (c_in == 3 and c_out == 1)):
+    if c_in != c_out and (c_in, c_out) not in ((1, 3), (3, 1)):
         raise ConfigError(f"source: cannot adapt {c_in}-channel images of '{source.name}' to {c_out} channels")
     size = tuple(target.image_size)
     mean = torch.tensor(target.mean, dtype=torch.float32).view(1, -1, 1, 1)
