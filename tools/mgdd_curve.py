@@ -51,23 +51,25 @@ def _records(root: Path, suite: str) -> list[dict]:
 
 def points(root: Path, protocol: str) -> tuple[pd.DataFrame, float | None]:
     """One row per (generator, step): mean and std over the evaluation's networks."""
-    rows, random_acc = [], None
+    rows, random_by_ipc, ipcs = [], {}, set()
     for suite in (MAIN, CURVE):
         for record in _records(root, suite):
             for e in record["evaluations"]:
                 if e["protocol_name"] != protocol or e["ipc"] != record["ipc"]:
                     continue
                 if record["label"] == "random" and suite == MAIN:
-                    random_acc = e["accuracy_mean"]
+                    random_by_ipc[record["ipc"]] = e["accuracy_mean"]
                 curve = SOURCES.get((suite, record["label"]))
                 if curve is None:
                     continue
                 step = e["step"] if e["step"] is not None else record["steps"]
                 accs = e["accuracies"]
+                ipcs.add(record["ipc"])
                 rows.append({"generator": curve, "step": int(step), "mean": statistics.fmean(accs),
                              "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "n_nets": len(accs),
                              "suite": suite, "label": record["label"]})
     frame = pd.DataFrame(rows).sort_values(["generator", "step"]).reset_index(drop=True)
+    random_acc = random_by_ipc.get(next(iter(ipcs))) if len(ipcs) == 1 else None  # random at the adaptation IPC
     return frame, random_acc
 
 
