@@ -251,7 +251,10 @@ class MGDD(Method):
         # The source is loaded with the cell's data settings (ctx.load_dataset), so its name and
         # those settings are what its fingerprint hashes (a full registered set's sizes follow
         # from its name).
-        source = {"name": DATASETS.canonical(cfg.source), "variant": "full",
+        # A reduced training set (the suite's data.train_per_class) reduces the source as well:
+        # the target's variant names it.
+        source = {"name": DATASETS.canonical(cfg.source),
+                  "variant": "full" if data.variant == "full" else f"as target {data.variant}",
                   **{k: described[k] for k in ("zca", "zca_mode", "zca_reg")}}
         settings = asdict(cfg.meta_settings())
         settings.pop("checkpoint_every")

@@ -67,6 +67,8 @@ STEP_WORKLOADS: dict[str, StepWorkload] = {
     # FRePo's net (width 128, depth 3, BatchNorm) as in the paper; a pool of 2 and 64 real
     # images per step instead of 10 nets and 1024 images.
     "frepo": StepWorkload(1, {"batch_real": 64, "num_nn_state": 2}, "IPC 1, 64 real images, pool of 2"),
+    # The generator from the identity (no meta-training artifact to build), 8 real images per class.
+    "mgdd": StepWorkload(1, {"meta_train": False, "real_per_class": 8, "pool_size": 2}, "IPC 1, untrained generator"),
 }
 
 EVAL_IPC = 10
