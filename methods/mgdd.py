@@ -25,7 +25,7 @@ space, generator shape, meta hyperparameters and steps; not the cell seed), resu
 checkpoints, timed apart by the harness. The source reaches the target's image space through
 ``mgdd_parts.adapt_images``: back to pixels, grey↔colour (repeat / BT.601 luma), bilinear
 resize, the target's normalisation and ZCA. The paper meta-trains on ImageNet-scale data;
-here any registered dataset works, and the default is the embedded MNIST sample (for a
+here any registered dataset works, and the default is the embedded MNIST sample (4,000 train images; for a
 Fashion-MNIST target this is a different dataset, as the paper's setting asks; for an MNIST
 target, choose another source).
 
