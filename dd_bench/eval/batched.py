@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from dd_bench.eval.training import Augment, LossFn, TrainRecipe, autocast_context, batches, make_optimizer
+from dd_bench.eval.training import Augment, LossFn, Schedule, TrainRecipe, autocast_context, batches
 from dd_bench.nets import has_batchnorm
 
 
@@ -54,24 +54,17 @@ def train_networks_batched(nets: list[nn.Module], images: Tensor, targets: Tenso
         return loss_fn(functional_call(template, (p, b), (x,)), y)
 
     stacked_loss: Callable = vmap(one_loss)
-    parameters = list(params.values())
-    lr = recipe.lr
-    optimizer = make_optimizer(parameters, recipe, lr)
     count = images.shape[0]
-    total = recipe.total_steps(count)
+    schedule = Schedule(list(params.values()), recipe, count)
     streams = [batches(count, recipe, g, images.device) for g in generators]
     autocast = autocast_context(precision, images.device)
     current_pass = 0
     for step, per_net in enumerate(zip(*streams)):
         pass_index = per_net[0][0]
         if pass_index != current_pass:
-            if recipe.schedule == "step" and current_pass == recipe.drop_after_pass:
-                lr *= recipe.drop_factor
-                optimizer = make_optimizer(parameters, recipe, lr)
+            schedule.pass_ended(current_pass)
             current_pass = pass_index
-        if recipe.schedule == "cosine":
-            for group in optimizer.param_groups:
-                group["lr"] = recipe.lr_at(step, total)
+        optimizer = schedule.optimizer_for(step)
         xs, ys = [], []
         for (_, batch), generator in zip(per_net, generators):
             x = images[batch]

@@ -151,21 +151,15 @@ def train_network(
     forward = forward or net
     parameters = list(net.parameters()) if parameters is None else parameters
     count = images.shape[0]
-    lr = recipe.lr
-    optimizer = make_optimizer(parameters, recipe, lr)
-    total = recipe.total_steps(count)
+    schedule = Schedule(parameters, recipe, count)
     autocast = autocast_context(precision, images.device)
     current_pass = 0
     for step, (pass_index, batch) in enumerate(batches(count, recipe, generator, images.device)):
         if pass_index != current_pass:
             _end_of_pass(current_pass, recipe, on_pass_end)
-            if recipe.schedule == "step" and current_pass == recipe.drop_after_pass:
-                lr *= recipe.drop_factor
-                optimizer = make_optimizer(parameters, recipe, lr)
+            schedule.pass_ended(current_pass)
             current_pass = pass_index
-        if recipe.schedule == "cosine":
-            for group in optimizer.param_groups:
-                group["lr"] = recipe.lr_at(step, total)
+        optimizer = schedule.optimizer_for(step)
         x = images[batch]
         if augment is not None:
             x = augment(x, generator)
@@ -174,9 +168,32 @@ def train_network(
         optimizer.zero_grad(set_to_none=True)
         loss.float().backward()
         optimizer.step()
-    if total > 0:
+    if schedule.total > 0:
         _end_of_pass(current_pass, recipe, on_pass_end)
     return net
+
+
+class Schedule:
+    """The recipe's learning rate over one training run, shared by the sequential and the
+    batched loop: the step schedule multiplies the lr by ``drop_factor`` after pass
+    ``drop_after_pass`` and re-creates the optimiser (momentum reset, as the official loop);
+    the cosine schedule sets the lr before every step."""
+
+    def __init__(self, parameters: list[Tensor], recipe: TrainRecipe, count: int) -> None:
+        self.parameters, self.recipe, self.lr = parameters, recipe, recipe.lr
+        self.total = recipe.total_steps(count)
+        self.optimizer = make_optimizer(parameters, recipe, self.lr)
+
+    def pass_ended(self, finished_pass: int) -> None:
+        if self.recipe.schedule == "step" and finished_pass == self.recipe.drop_after_pass:
+            self.lr *= self.recipe.drop_factor
+            self.optimizer = make_optimizer(self.parameters, self.recipe, self.lr)
+
+    def optimizer_for(self, step: int) -> torch.optim.Optimizer:
+        if self.recipe.schedule == "cosine":
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.recipe.lr_at(step, self.total)
+        return self.optimizer
 
 
 def _end_of_pass(pass_index: int, recipe: TrainRecipe, on_pass_end: Callable[[int], None] | None) -> None:
