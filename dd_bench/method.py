@@ -29,6 +29,7 @@ import torch
 
 from dd_bench.budget import Budget
 from dd_bench.config import build_config
+from dd_bench.errors import ConfigError
 from dd_bench.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,33 @@ class RunContext:
         if self.device_generator is None:
             self.device_generator = torch.Generator(device=self.device)
         self.device_generator.manual_seed(self.seed)
+
+
+@dataclass(frozen=True)
+class CellStart:
+    """What a distilling method's ``init`` starts from (``start_cell``)."""
+
+    data: Any
+    device: torch.device
+    seed: int
+
+
+def start_cell(data: Any, ipc: int, ctx: RunContext, move_data: bool = True) -> CellStart:
+    """The preamble every distilling method's ``init`` shares.
+
+    Refuses an IPC below 1 with a ``ConfigError`` naming the field; moves the train set to the
+    cell's device when ``move_data`` (methods that draw a real batch every step want it there;
+    on CPU the move is free); and makes ONE draw from the global RNG the harness seeded, which
+    the method then uses to seed everything it draws, so a cell is a function of its seed and
+    draws made elsewhere (an evaluation, another method) cannot shift its stream.
+    """
+    if ipc < 1:
+        raise ConfigError(f"ipc: invalid value {ipc!r} (expected >= 1)")
+    device = torch.device(ctx.device)
+    if move_data and device.type != "cpu":
+        data = data.to(device)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    return CellStart(data, device, seed)
 
 
 @dataclass

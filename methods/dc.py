@@ -53,8 +53,9 @@ from torch import Tensor, nn
 from dd_bench.data.dsa import DSA as SiameseAugment
 from dd_bench.errors import ConfigError
 from dd_bench.eval.training import TrainRecipe, train_network
-from dd_bench.method import Method, RunContext, SyntheticSet, register_method
+from dd_bench.method import Method, RunContext, SyntheticSet, register_method, start_cell
 from dd_bench.nets import ConvNet, create_model, has_batchnorm, standard_layout
+from dd_bench.seeding import make_generator
 
 log = logging.getLogger(__name__)
 
@@ -266,13 +267,12 @@ class DC(Method):
     # -- setup -------------------------------------------------------------------------------
     def init(self, data, ipc: int, ctx: RunContext) -> GradientMatchingState:
         config = self.config
+        start = start_cell(data, ipc, ctx)
+        data, device = start.data, start.device
         outer, inner = get_loops(ipc)
         outer = config.outer_loop if config.outer_loop is not None else outer
         inner = config.inner_loop if config.inner_loop is not None else inner
-        device = torch.device(ctx.device)
-        data = data.to(device)
-        # One stream for the whole run, drawn from the global RNG the harness seeds.
-        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+        generator = make_generator(start.seed)  # one stream for the whole run
         shape = (data.num_classes * ipc, data.channels, *data.image_size)
         if config.init == "real":
             images = torch.cat([data.sample_real(c, ipc, generator=generator) for c in range(data.num_classes)])

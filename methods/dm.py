@@ -46,7 +46,7 @@ from torch import nn
 
 from dd_bench.data.dsa import DSA
 from dd_bench.errors import ConfigError
-from dd_bench.method import Method, RunContext, SyntheticSet, register_method
+from dd_bench.method import Method, RunContext, SyntheticSet, register_method, start_cell
 from dd_bench.nets import create_model, has_batchnorm, standard_layout
 from dd_bench.seeding import make_generator
 
@@ -119,13 +119,9 @@ class DM(Method):
 
     def init(self, data, ipc: int, ctx: RunContext) -> DMState:
         cfg: DMConfig = self.config
-        device = torch.device(ctx.device)
-        if ipc < 1:
-            raise ConfigError(f"ipc: invalid value {ipc!r} (expected >= 1)")
-        if device.type != "cpu":
-            data = data.to(device)  # real batches are drawn every step: keep the train set there
-        # One draw from the harness-seeded global RNG seeds everything else this method draws.
-        generator = make_generator(int(torch.randint(0, 2**62, (1,)).item()))
+        start = start_cell(data, ipc, ctx)  # real batches are drawn every step: the train set moves
+        data, device = start.data, start.device
+        generator = make_generator(start.seed)
         k, shape = data.num_classes, (data.channels, *data.image_size)
         if cfg.init == "real":
             images = torch.cat([data.sample_real(c, ipc, generator=generator).to(device) for c in range(k)])

@@ -76,7 +76,7 @@ from torch import Tensor, nn
 
 from dd_bench.errors import ConfigError
 from dd_bench.eval.krr import linear_krr_predict
-from dd_bench.method import Method, RunContext, SyntheticSet, register_method
+from dd_bench.method import Method, RunContext, SyntheticSet, register_method, start_cell
 from dd_bench.nets import create_model
 from dd_bench.seeding import make_generator
 
@@ -205,13 +205,9 @@ class FRePo(Method):
     # -- set-up ----------------------------------------------------------------------------
     def init(self, data, ipc: int, ctx: RunContext) -> FRePoState:
         cfg: FRePoConfig = self.config
-        if ipc < 1:
-            raise ConfigError(f"ipc: invalid value {ipc!r} (expected >= 1)")
-        device = torch.device(ctx.device)
-        if device.type != "cpu":
-            data = data.to(device)  # a real batch is drawn every step: keep the train set there
-        # One draw from the harness-seeded global RNG seeds everything else this method draws.
-        generator = make_generator(int(torch.randint(0, 2**62, (1,)).item()))
+        start = start_cell(data, ipc, ctx)  # a real batch is drawn every step: the train set moves
+        data, device = start.data, start.device
+        generator = make_generator(start.seed)
         k = data.num_classes
         if cfg.init == "real":
             images = torch.cat([data.sample_real(c, ipc, generator=generator).to(device) for c in range(k)])

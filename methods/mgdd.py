@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from dd_bench.checkpoint import load_checkpoint
 from dd_bench.data import DATASETS
 from dd_bench.errors import ConfigError
-from dd_bench.method import Method, RunContext, SyntheticSet, register_method
+from dd_bench.method import Method, RunContext, SyntheticSet, register_method, start_cell
 from dd_bench.seeding import derive_seed, make_generator
 from dd_bench.methods.mgdd_meta import ARTIFACT_FILE, MetaSettings, make_optimizer, meta_train
 from dd_bench.methods.mgdd_parts import (adapt_images, analytical_labels, embed_in_chunks, generate, krr_loss,
@@ -279,13 +279,8 @@ class MGDD(Method):
     # -- adaptation --------------------------------------------------------------------------
     def init(self, data, ipc: int, ctx: RunContext) -> MGDDState:
         cfg: MGDDConfig = self.config
-        if ipc < 1:
-            raise ConfigError(f"ipc: invalid value {ipc!r} (expected >= 1)")
-        device = torch.device(ctx.device)
-        if device.type != "cpu":
-            data = data.to(device)
-        # One draw from the harness-seeded global RNG seeds everything this method draws.
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+        start = start_cell(data, ipc, ctx)
+        data, device, seed = start.data, start.device, start.seed
         stream = make_generator(seed)
         label_net = random_feature_net(cfg.feature_model, data.channels, data.image_size,
                                        derive_seed(seed, "label-net"), device)

@@ -123,7 +123,7 @@ from dd_bench.checkpoint import load_checkpoint, save_atomic
 from dd_bench.data.dsa import DSA, AugmentDraw, DSAParams
 from dd_bench.errors import ConfigError
 from dd_bench.eval.training import TrainRecipe, train_network
-from dd_bench.method import Method, RunContext, SyntheticSet, register_method
+from dd_bench.method import Method, RunContext, SyntheticSet, register_method, start_cell
 from dd_bench.nets import create_model, standard_layout
 from dd_bench.seeding import derive_seed, make_generator
 
@@ -459,14 +459,13 @@ class MTT(Method):
     # -- distillation ----------------------------------------------------------------------
     def init(self, data: Any, ipc: int, ctx: RunContext) -> MTTState:
         cfg: MTTConfig = self.config
-        if ipc < 1:
-            raise ConfigError(f"ipc: invalid value {ipc!r} (expected >= 1)")
+        # Only the initialisation reads real images: the train set stays where it is.
+        start = start_cell(data, ipc, ctx, move_data=False)
         if self._experts is None:
             raise RuntimeError("mtt: no experts loaded (build_artifacts/load_artifacts run before init)")
         self._check_preset(data, ipc)
-        device = torch.device(ctx.device)
-        # One draw from the harness-seeded global RNG seeds everything this method draws.
-        generator = make_generator(int(torch.randint(0, 2**62, (1,)).item()))
+        device = start.device
+        generator = make_generator(start.seed)
         k = data.num_classes
         if cfg.init == "real":
             images = torch.cat([data.sample_real(c, ipc, generator=generator).cpu() for c in range(k)])
