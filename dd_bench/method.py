@@ -173,7 +173,11 @@ class Method(ABC):
     - ``reference``: "lower" for the baseline every method's gain is measured against (random
       real images), "upper" for the whole-data reference, None otherwise; reference columns
       are shown but never bolded;
-    - ``ipc_free``: the set does not depend on the IPC (the whole training set).
+    - ``ipc_free``: the set does not depend on the IPC (the whole training set);
+    - ``added_fields``: config fields added after results were recorded, each with the value
+      that reproduces the behaviour from before it existed. A config at that value leaves the
+      field out of its cell id (``identity_params``), so earlier results stay valid and are
+      not distilled again; any other value is a new cell.
     """
 
     Config: ClassVar[type] = NoConfig
@@ -183,6 +187,7 @@ class Method(ABC):
     paper_protocol: ClassVar[str | dict[str, Any]] = "dc"
     reference: ClassVar[str | None] = None
     ipc_free: ClassVar[bool] = False
+    added_fields: ClassVar[dict[str, Any]] = {}
     registry_name: ClassVar[str] = ""
 
     def __init__(self, config: Any = None):
@@ -192,6 +197,12 @@ class Method(ABC):
     def from_params(cls, params: dict[str, Any] | None, where: str = "params") -> "Method":
         """Build from a suite's ``params`` mapping; an unknown key or a wrong type is a ConfigError."""
         return cls(build_config(cls.Config, params or {}, where))
+
+    @classmethod
+    def identity_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` (the full config) as a cell id hashes it: ``added_fields`` at their
+        neutral value left out."""
+        return {k: v for k, v in params.items() if not (k in cls.added_fields and v == cls.added_fields[k])}
 
     @classmethod
     def supports_deploy(cls) -> bool:

@@ -41,8 +41,11 @@ pool's first initialisation, at the adaptation IPC.
 generator; steps change nothing), ``mode: pixels`` (Eq. 1 optimises the pixels of one
 initialisation directly, same steps: what the loss alone can reach), ``meta_train: false``
 (an untrained generator, adapted from the identity), ``adapt: false`` (the meta-trained
-generator without adaptation: 0 steps), ``labels: one_hot``. ``labels_only`` and ``adapt: false``
-take no harness steps (the method is not iterative then).
+generator without adaptation: 0 steps), ``labels: one_hot``, ``generator_condition: labels``
+(the generator also sees each image's soft label), ``meta_label_per_class`` (meta-training
+tasks label their support from held-out images, as adaptation's 60,000-image solve does).
+``labels_only`` and ``adapt: false`` take no harness steps (the method is not iterative then).
+What each is worth at Fashion-MNIST IPC 10 is in README ("MGDD at Fashion-MNIST IPC 10").
 
 Departures and choices (beyond the open CHOICEs of §8, each a field below):
 
@@ -129,6 +132,11 @@ class MGDDConfig:
     generator_levels: int = 2
     """Stride-2 down/up-sampling levels of the encoder-decoder."""
 
+    generator_condition: Literal["none", "labels"] = "none"
+    """What the generator sees besides each initial image: ``none``; ``labels``: also the
+    image's analytical soft label Y_s* (a function of the initial image; a learned bias per
+    level, ``mgdd_parts.ResidualGenerator``), so one map can move each class differently."""
+
     pool_size: int = 4
     """Initialisations in the pool 𝓘 (each a random real set at the cell's IPC)."""
 
@@ -158,7 +166,13 @@ class MGDDConfig:
     """Source classes per task (all of them when the source has fewer)."""
 
     meta_task_per_class: int = 100
-    """Source images per class in a task (the label solve uses all of them)."""
+    """Source images per class in a task (support sets and real batches; the label solve uses
+    all of them)."""
+
+    meta_label_per_class: int = 0
+    """Further source images per class in a task that only the task's label solve uses. 0: the
+    solve uses the task's images alone; with 100 per class that is fewer images than features,
+    so the support's labels come out one-hot where adaptation's are soft (see ``mgdd_meta``)."""
 
     meta_ipc: tuple[int, ...] = (1, 10)
     """IPCs a task's initialisation is drawn with (one chosen per loss evaluation)."""
@@ -173,7 +187,7 @@ class MGDDConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: invalid value {getattr(self, name)!r} (expected >= 1)")
-        for name in ("generator_levels", "meta_steps", "meta_inner_steps"):
+        for name in ("generator_levels", "meta_steps", "meta_inner_steps", "meta_label_per_class"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: invalid value {getattr(self, name)!r} (expected >= 0)")
         for name in ("adapt_lr", "pixel_lr", "meta_lr"):
@@ -192,13 +206,18 @@ class MGDDConfig:
             raise ConfigError(f"meta_task_per_class: invalid value {self.meta_task_per_class!r} (a task needs "
                               f"max(meta_ipc) + real_per_class = {max(self.meta_ipc) + self.real_per_class} per class)")
 
-    def meta_settings(self) -> MetaSettings:
+    def meta_settings(self, num_classes: int) -> MetaSettings:
+        """The meta-training settings for a target of ``num_classes`` classes (the length of a
+        conditioned generator's label input)."""
+        condition_dim = num_classes if self.generator_condition == "labels" else 0
         return MetaSettings(
             steps=self.meta_steps, inner_steps=self.meta_inner_steps, inner_lr=self.adapt_lr,
             inner_optimizer=self.adapt_optimizer, outer_lr=self.meta_lr, classes_per_task=self.meta_classes_per_task,
-            task_per_class=self.meta_task_per_class, ipc_choices=self.meta_ipc, real_per_class=self.real_per_class,
+            task_per_class=self.meta_task_per_class,
+            label_per_class=self.meta_label_per_class, ipc_choices=self.meta_ipc, real_per_class=self.real_per_class,
             feature_model=self.feature_model, label_reg=self.label_reg, loss_reg=self.loss_reg,
             generator_width=self.generator_width, generator_levels=self.generator_levels,
+            generator_condition_dim=condition_dim,
             checkpoint_every=self.meta_checkpoint_every)
 
 
@@ -232,6 +251,9 @@ class MGDD(Method):
     # 76.7 with MSE under DSA (76.3 / 75.1 without augmentation).
     paper_protocol = {"preset": "dm", "soft_label_loss": "soft_ce"}
 
+    #: Fields added after the first recorded results, at their old behaviour (cell ids keep).
+    added_fields = {"meta_label_per_class": 0, "generator_condition": "none"}
+
     def __init__(self, config: MGDDConfig | None = None):
         super().__init__(config)
         self._meta_generator: dict | None = None
@@ -256,8 +278,12 @@ class MGDD(Method):
         source = {"name": DATASETS.canonical(cfg.source),
                   "variant": "full" if data.variant == "full" else f"as target {data.variant}",
                   **{k: described[k] for k in ("zca", "zca_mode", "zca_reg")}}
-        settings = asdict(cfg.meta_settings())
+        settings = asdict(cfg.meta_settings(data.num_classes))
         settings.pop("checkpoint_every")
+        if not settings["label_per_class"]:
+            settings.pop("label_per_class")  # 0 builds what older specs built: keep their artifacts
+        if not settings["generator_condition_dim"]:
+            settings.pop("generator_condition_dim")  # likewise
         return {"artifact": "mgdd-meta-generator", "version": META_VERSION, "source": source,
                 "target_space": target_space(data), "meta": settings}
 
@@ -266,10 +292,16 @@ class MGDD(Method):
         source = ctx.load_dataset(cfg.source)
         if DATASETS.canonical(cfg.source) == data.name:
             log.warning("mgdd: meta-training on the target dataset itself (%s); the paper's source differs", data.name)
+        task_classes = min(cfg.meta_classes_per_task, source.num_classes)
+        if cfg.generator_condition == "labels" and task_classes > data.num_classes:
+            raise ConfigError(f"meta_classes_per_task: invalid value {cfg.meta_classes_per_task!r} (a generator "
+                              f"conditioned on labels takes {data.num_classes}-class labels of {data.name}; a task "
+                              f"of {task_classes} classes has longer ones)")
         images = adapt_images(source.train_images, source, data)
         log.info("mgdd: meta-training on %s (%d images, adapted to %s %dx%d) for %d steps", source.name,
                  images.shape[0], data.name, *data.image_size, cfg.meta_steps)
-        meta_train(images, source.train_labels, source.num_classes, cfg.meta_settings(), directory, ctx)
+        meta_train(images, source.train_labels, source.num_classes, cfg.meta_settings(data.num_classes), directory,
+                   ctx)
 
     def load_artifacts(self, directory: Path, ctx: RunContext) -> None:
         self._meta_generator = load_checkpoint(Path(directory) / ARTIFACT_FILE)
@@ -323,8 +355,9 @@ class MGDD(Method):
 
     def _start_generator(self, data, seed: int) -> nn.Module:
         cfg: MGDDConfig = self.config
+        condition_dim = data.num_classes if cfg.generator_condition == "labels" else 0
         generator = make_generator_net(data.channels, cfg.generator_width, cfg.generator_levels,
-                                       derive_seed(seed, "generator"))
+                                       derive_seed(seed, "generator"), condition_dim)
         if cfg.meta_train:
             if self._meta_generator is None:
                 raise ConfigError("meta_train: true needs the meta-trained generator: build and load the artifact "
@@ -342,10 +375,13 @@ class MGDD(Method):
                                  int(torch.randint(0, 2**62, (1,), generator=state.stream).item()), state.device)
         if cfg.mode == "labels_only" or not cfg.adapt:  # the set never changes: report the loss only
             with torch.no_grad():
-                synthetic = self._produce(state, state.pool_images[pick])
+                synthetic = self._produce(state, state.pool_images[pick], state.pool_labels[pick])
                 loss = krr_loss(net, real, targets, synthetic, state.pool_labels[pick], cfg.loss_reg)
             return {"loss": float(loss.item())}
-        synthetic = state.pixels if cfg.mode == "pixels" else state.generator(state.pool_images[pick])
+        if cfg.mode == "pixels":
+            synthetic = state.pixels
+        else:
+            synthetic = state.generator(state.pool_images[pick], state.pool_labels[pick])
         loss = krr_loss(net, real, targets, synthetic, state.pool_labels[pick], cfg.loss_reg)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -354,7 +390,7 @@ class MGDD(Method):
 
     # -- the sets ----------------------------------------------------------------------------
     def result(self, state: MGDDState) -> SyntheticSet:
-        images = self._produce(state, state.pool_images[0])
+        images = self._produce(state, state.pool_images[0], state.pool_labels[0])
         return SyntheticSet(images, state.pool_labels[0].detach().clone(), meta={"mgdd_ipc": state.ipc})
 
     def deploy(self, state: MGDDState, ipc: int, ctx: RunContext) -> SyntheticSet:
@@ -366,11 +402,11 @@ class MGDD(Method):
         stream = make_generator(derive_seed(state.seed, "deploy", ipc))
         initial = self._initialisation(state.data, ipc, stream, state.device)
         labels = self._labels(state.data, state.label_net, state.weights, initial)
-        return SyntheticSet(self._produce(state, initial), labels, meta={"mgdd_ipc": state.ipc})
+        return SyntheticSet(self._produce(state, initial, labels), labels, meta={"mgdd_ipc": state.ipc})
 
-    def _produce(self, state: MGDDState, initial: Tensor) -> Tensor:
+    def _produce(self, state: MGDDState, initial: Tensor, labels: Tensor) -> Tensor:
         if self.config.mode == "pixels":
             return state.pixels.detach().clone()
         if state.generator is None:
             return initial.detach().clone()
-        return generate(state.generator, initial)
+        return generate(state.generator, initial, labels)

@@ -4,7 +4,8 @@ One meta step::
 
     ω' ← copy(ω)
     C ← random subset of `classes_per_task` source classes; T ← `task_per_class` images of each
-    f_θ ← a random feature net for this task; W ← Eq. 3 on f_θ(T)      (labels of any X_s ⊂ T)
+    f_θ ← a random feature net for this task; W ← Eq. 3 on f_θ(T ∪ L)  (labels of any X_s ⊂ T)
+          (L: `label_per_class` further images of each class, used by the label solve only)
     repeat inner_steps times:  ω' ← ω' − α ∇ω' L(T, ω')                   (meta-train)
     g ← ∇ω' L(T, ω');  ω ← Adam_β(ω, g)                                   (meta-test, first order)
 
@@ -14,7 +15,11 @@ One meta step::
 
 The support images X_s and the real batch are disjoint inside a task: a real image that is also
 a support point would be predicted almost exactly by the kernel regression and teach nothing.
-The label solve uses all of T. The outer optimiser is Adam (CHOICE; the poster only says
+The label solve uses all of T, and L when ``label_per_class`` > 0. Why L: a task of 100 images
+per class has fewer images (1,000) than the feature net has features (1,152 for 28×28), so the
+ridge solve interpolates and the support's labels come out one-hot, whereas adaptation solves
+on the whole target train set (60,000 ≫ 1,152) and gets soft labels; L makes the task's solve
+overdetermined like adaptation's (CHOICE; 0 keeps the solve on T alone). The outer optimiser is Adam (CHOICE; the poster only says
 "update ω at rate β"); the inner one is the adaptation's optimiser at rate α, fresh per task, so
 meta-training rehearses exactly the adaptation it prepares for.
 
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -63,6 +69,7 @@ class MetaSettings:
     outer_lr: float
     classes_per_task: int
     task_per_class: int
+    label_per_class: int
     ipc_choices: tuple[int, ...]
     real_per_class: int
     feature_model: str
@@ -70,6 +77,7 @@ class MetaSettings:
     loss_reg: float
     generator_width: int
     generator_levels: int
+    generator_condition_dim: int
     checkpoint_every: int
 
 
@@ -91,19 +99,23 @@ class _Task:
                  generator: torch.Generator, device: torch.device):
         k = min(settings.classes_per_task, num_classes)
         classes = torch.randperm(num_classes, generator=generator)[:k]
-        per_class = []
+        per_class, label_only = [], []
         for c in classes.tolist():
             indices = torch.nonzero(source_labels == c, as_tuple=True)[0]
-            picks = torch.randperm(indices.numel(), generator=generator)[: settings.task_per_class]
-            per_class.append(source_images[indices[picks]])
+            picks = torch.randperm(indices.numel(), generator=generator)
+            per_class.append(source_images[indices[picks[: settings.task_per_class]]])
+            label_only.append(source_images[indices[picks[settings.task_per_class :
+                                                          settings.task_per_class + settings.label_per_class]]])
         self.images = [x.to(device) for x in per_class]  # one tensor per task class
         self.k, self.settings = k, settings
         shape = self.images[0].shape[1:]
         self.channels, self.image_size = shape[0], tuple(shape[1:])
         label_net = random_feature_net(settings.feature_model, self.channels, self.image_size, _seed(generator), device)
         self.features = [embed_in_chunks(label_net, x) for x in self.images]
-        targets = torch.cat([one_hot(torch.full((x.shape[0],), c), k) for c, x in enumerate(self.images)]).to(device)
-        self.weights = label_weights(torch.cat(self.features), targets, settings.label_reg)
+        solve_features = self.features + [embed_in_chunks(label_net, x.to(device)) for x in label_only if x.numel()]
+        solve_classes = list(range(k)) + [c for c, x in enumerate(label_only) if x.numel()]
+        targets = torch.cat([one_hot(torch.full((f.shape[0],), c), k) for c, f in zip(solve_classes, solve_features)])
+        self.weights = label_weights(torch.cat(solve_features), targets.to(device), settings.label_reg)
 
     def loss(self, generator_net: nn.Module, generator: torch.Generator) -> Tensor:
         """L(T, ω'): Eq. 1 for a fresh support set, real batch and θ* (see the module docstring)."""
@@ -121,7 +133,10 @@ class _Task:
         targets = one_hot(torch.cat(real_labels), self.k).to(support_labels.device)
         net = random_feature_net(s.feature_model, self.channels, self.image_size, _seed(generator),
                                  support_labels.device)
-        return krr_loss(net, torch.cat(real), targets, generator_net(torch.cat(support)), support_labels, s.loss_reg)
+        # A conditioned generator takes target-length labels: a task of fewer classes pads with zeros.
+        condition = F.pad(support_labels, (0, max(s.generator_condition_dim - self.k, 0)))
+        generated = generator_net(torch.cat(support), condition)
+        return krr_loss(net, torch.cat(real), targets, generated, support_labels, s.loss_reg)
 
 
 def meta_train(source_images: Tensor, source_labels: Tensor, num_classes: int, settings: MetaSettings,
@@ -139,14 +154,16 @@ def meta_train(source_images: Tensor, source_labels: Tensor, num_classes: int, s
     if checkpoint is None:
         # One draw from the build's seed starts everything (the harness seeds ctx from the spec).
         stream = make_generator(ctx.seed)
-        meta_net = make_generator_net(channels, settings.generator_width, settings.generator_levels, _seed(stream))
+        meta_net = make_generator_net(channels, settings.generator_width, settings.generator_levels, _seed(stream),
+                                      settings.generator_condition_dim)
         meta_net.to(device)
         outer = torch.optim.Adam(meta_net.parameters(), lr=settings.outer_lr)
         done, losses = 0, []
     else:
         stream = torch.Generator()
         stream.set_state(checkpoint["rng"])
-        meta_net = make_generator_net(channels, settings.generator_width, settings.generator_levels, 0).to(device)
+        meta_net = make_generator_net(channels, settings.generator_width, settings.generator_levels, 0,
+                                      settings.generator_condition_dim).to(device)
         meta_net.load_state_dict(checkpoint["generator"])
         outer = torch.optim.Adam(meta_net.parameters(), lr=settings.outer_lr)
         outer.load_state_dict(checkpoint["optimizer"])

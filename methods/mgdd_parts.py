@@ -36,13 +36,20 @@ class ResidualGenerator(nn.Module):
     size (nearest), so any image size works, odd ones included, and any channel count.
     Each image is mapped on its own (the set conditions the generator through its images).
     No normalisation layer: a per-image norm would erase the intensity the labels depend on.
+
+    ``condition_dim`` > 0 also conditions each image's map on a vector of that length, its
+    analytical soft label Y_s* = f_θ(X_s) W (a function of the initial image, so the generator
+    still sees nothing but the initial set): a learned per-channel bias on the stem and on each
+    encoder level, so one map can move images of different classes differently.
     """
 
-    def __init__(self, channels: int, width: int = 32, levels: int = 2):
+    def __init__(self, channels: int, width: int = 32, levels: int = 2, condition_dim: int = 0):
         super().__init__()
-        if channels < 1 or width < 1 or levels < 0:
-            raise ConfigError(f"generator: invalid shape (channels={channels}, width={width}, levels={levels})")
+        if channels < 1 or width < 1 or levels < 0 or condition_dim < 0:
+            raise ConfigError(f"generator: invalid shape (channels={channels}, width={width}, levels={levels}, "
+                              f"condition_dim={condition_dim})")
         self.channels, self.width, self.levels = int(channels), int(width), int(levels)
+        self.condition_dim = int(condition_dim)
         self.stem = nn.Conv2d(channels, width, 3, padding=1)
         widths = [width * 2**i for i in range(levels + 1)]
         self.down = nn.ModuleList(nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1) for i in range(levels))
@@ -51,12 +58,22 @@ class ResidualGenerator(nn.Module):
         self.head = nn.Conv2d(width, channels, 3, padding=1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        # One bias per level, from the condition (none when unconditioned).
+        self.condition = nn.ModuleList(nn.Linear(condition_dim, w, bias=False) for w in widths) if condition_dim else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = F.relu(self.stem(x))
+    def _bias(self, level: int, condition: Tensor | None) -> Tensor | float:
+        if self.condition is None:
+            return 0.0
+        return self.condition[level](condition)[:, :, None, None]
+
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        if self.condition is not None and (condition is None or condition.shape != (x.shape[0], self.condition_dim)):
+            got = None if condition is None else tuple(condition.shape)
+            raise ValueError(f"generator: needs a ({x.shape[0]}, {self.condition_dim}) condition, got {got}")
+        h = F.relu(self.stem(x) + self._bias(0, condition))
         skips = [h]
-        for conv in self.down:
-            h = F.relu(conv(h))
+        for level, conv in enumerate(self.down, start=1):
+            h = F.relu(conv(h) + self._bias(level, condition))
             skips.append(h)
         skips.pop()  # the deepest map is h itself
         for conv in self.up:
@@ -66,20 +83,22 @@ class ResidualGenerator(nn.Module):
         return x + self.head(h)
 
     def describe(self) -> dict[str, int]:
-        return {"channels": self.channels, "width": self.width, "levels": self.levels}
+        return {"channels": self.channels, "width": self.width, "levels": self.levels,
+                "condition_dim": self.condition_dim}
 
 
-def make_generator_net(channels: int, width: int, levels: int, seed: int) -> ResidualGenerator:
+def make_generator_net(channels: int, width: int, levels: int, seed: int, condition_dim: int = 0) -> ResidualGenerator:
     """A generator whose initial weights are a function of ``seed`` (the global RNG is untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ResidualGenerator(channels, width, levels)
+        return ResidualGenerator(channels, width, levels, condition_dim)
 
 
 @torch.no_grad()
-def generate(generator: nn.Module, images: Tensor, chunk: int = 256) -> Tensor:
-    """``generator(images)`` without a graph, in chunks (deployment at large IPCs)."""
-    return torch.cat([generator(images[i : i + chunk]) for i in range(0, images.shape[0], chunk)])
+def generate(generator: nn.Module, images: Tensor, labels: Tensor, chunk: int = 256) -> Tensor:
+    """``generator(images, labels)`` without a graph, in chunks (deployment at large IPCs);
+    ``labels`` (Y_s*) are used only by a conditioned generator."""
+    return torch.cat([generator(images[i : i + chunk], labels[i : i + chunk]) for i in range(0, images.shape[0], chunk)])
 
 
 # -- random feature nets ----------------------------------------------------------------------

@@ -100,7 +100,9 @@ class Suite:
         cells = []
         for entry in self.methods:
             method = create_method(entry.name, entry.params)
-            params = _jsonable(asdict(method.config))
+            # The full config, less fields added since results were recorded that are at the
+            # value reproducing the older behaviour (so those results keep their cell ids).
+            params = type(method).identity_params(_jsonable(asdict(method.config)))
             data = DataConfig(**{**asdict(self.data), **entry.data})
             requests = self.requests_for(type(method))
             for dataset in self.datasets:

@@ -58,7 +58,7 @@ def test_registered_with_documented_defaults():
 
 @pytest.mark.parametrize("params", [{"mode": "gan"}, {"adapt_lr": 0}, {"pool_size": 0}, {"label_real_per_class": 0},
                                     {"meta_ipc": []}, {"meta_task_per_class": 5}, {"labels": "hard"}, {"no_such": 1},
-                                    {"mode": "pixels", "adapt": False}])
+                                    {"mode": "pixels", "adapt": False}, {"generator_condition": "class"}])
 def test_bad_params_are_config_errors(params):
     with pytest.raises(ConfigError):
         create_method("mgdd", params)
@@ -71,6 +71,8 @@ def test_artifact_spec_names_what_the_generator_depends_on_and_nothing_else(data
     assert "checkpoint_every" not in spec["meta"]  # checkpoints do not change the artifact
     assert create_method("mgdd", {"meta_checkpoint_every": 3}).artifact_spec(data) == spec
     assert create_method("mgdd", {"meta_steps": 201}).artifact_spec(data) != spec
+    assert "label_per_class" not in spec["meta"]  # 0 (the default) specs what older versions built
+    assert create_method("mgdd", {"meta_label_per_class": 100}).artifact_spec(data)["meta"]["label_per_class"] == 100
     for params in ({"meta_train": False}, {"mode": "labels_only"}, {"mode": "pixels"}):
         assert create_method("mgdd", params).artifact_spec(data) is None
 
@@ -119,6 +121,37 @@ def test_unadapted_generator_is_the_identity_at_any_size_and_channel_count(shape
     x = torch.randn(shape)
     generator = ResidualGenerator(shape[1], width=8, levels=2)
     assert torch.equal(generator(x), x)
+
+
+def test_label_conditioned_generator_starts_as_the_identity_and_can_move_classes_apart():
+    torch.manual_seed(0)
+    x, labels = torch.randn(4, 1, 12, 12), torch.eye(4)
+    generator = ResidualGenerator(1, width=8, levels=2, condition_dim=4)
+    assert torch.equal(generator(x, labels), x)
+    with pytest.raises(ValueError, match="condition"):
+        generator(x)
+    torch.nn.init.normal_(generator.head.weight, std=0.1)
+    same_image = x[:1].expand(4, -1, -1, -1)  # one image under four labels: four different outputs
+    out = generator(same_image, labels)
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[2], out[3])
+    assert ResidualGenerator(1, 8, 2, 4).describe()["condition_dim"] == 4
+
+
+def test_label_conditioned_mgdd_adapts_meta_trains_and_deploys(tmp_path, data):
+    _, state, losses = _adapt(data, ipc=1, steps=3, generator_condition="labels")
+    assert state.generator.condition_dim == data.num_classes and len(losses) == 3
+    assert not torch.equal(state.generator.state_dict()["condition.0.weight"],
+                           _adapt(data, ipc=1, steps=0, generator_condition="labels")[1].generator
+                           .state_dict()["condition.0.weight"])
+    method = _build(tmp_path, data, {**TINY_META, "generator_condition": "labels"})  # 5-class tasks, 10-class target
+    assert method._meta_generator["generator_shape"]["condition_dim"] == 10
+    seed_everything(0)
+    ctx = RunContext()
+    state = method.init(data, 1, ctx)
+    method.step(state, ctx)
+    assert method.deploy(state, 3, ctx).images.shape == (30, 1, 28, 28)
+    spec = method.artifact_spec(data)
+    assert spec["meta"]["generator_condition_dim"] == 10 and spec != create_method("mgdd", TINY_META).artifact_spec(data)
 
 
 def test_untrained_mgdd_starts_from_its_initialisation(data):
@@ -222,10 +255,30 @@ def test_unadapted_meta_generator_is_the_zero_step_point_and_takes_no_harness_st
     seed_everything(0)
     state = method.init(data, 1, RunContext())
     before = method.result(state).images
-    expected = generate(state.generator, state.pool_images[0])
+    expected = generate(state.generator, state.pool_images[0], state.pool_labels[0])
     assert torch.equal(before, expected) and not torch.equal(before, state.pool_images[0])
     method.step(state, RunContext())  # reports the loss, changes nothing
     assert torch.equal(method.result(state).images, before)
+
+
+def _task_support_labels(label_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Eq. 3 labels of a meta-training task's own images, and their classes."""
+    source = load_dataset("mnist_sample")
+    config = MGDDConfig(**{**TINY_META, "meta_label_per_class": label_per_class})
+    task = mgdd_meta._Task(source.train_images, source.train_labels, source.num_classes, config.meta_settings(10),
+                           torch.Generator().manual_seed(0), torch.device("cpu"))
+    labels = torch.cat(task.features) @ task.weights
+    return labels, torch.arange(task.k).repeat_interleave(task.images[0].shape[0])
+
+
+def test_held_out_label_images_make_a_tasks_labels_soft_like_adaptations():
+    # 5 classes x 12 images = 60 < 512 features: the task's own solve interpolates (one-hot labels)
+    interpolated, classes = _task_support_labels(0)
+    torch.testing.assert_close(interpolated, one_hot(classes, 5), atol=1e-2, rtol=0)
+    # + 5 x 300 label-only images = 1,560 > 512: overdetermined, the support's labels are soft
+    soft, classes = _task_support_labels(300)
+    assert (soft - one_hot(classes, 5)).abs().max() > 0.2
+    assert (soft.argmax(1) == classes).float().mean() >= 0.7
 
 
 def test_interrupted_meta_training_resumes_bit_identically(tmp_path, data, monkeypatch):

@@ -37,6 +37,37 @@ def test_a_method_version_is_part_of_the_cell_id(write_suite, monkeypatch):
     assert b.version == "2" and a.cell_id != b.cell_id
 
 
+def test_a_field_added_at_its_old_behaviour_keeps_the_cell_id(write_suite, monkeypatch):
+    from dd_bench.methods.baselines import Herding
+
+    herding = {"name": "herding", "params": {"embed_epochs": 2}}
+    before = load_suite(write_suite({"methods": [herding]})).cells()[0]
+    # As if ``normalize`` had been added later, with False reproducing the old behaviour.
+    monkeypatch.setattr(Herding, "added_fields", {"normalize": False})
+    after = load_suite(write_suite({"methods": [herding]})).cells()[0]
+    assert "normalize" not in after.params and after.cell_id != before.cell_id  # not the old hash...
+    old = {k: v for k, v in before.params.items() if k != "normalize"}  # ...but the hash without it
+    assert after.params == old
+    changed = load_suite(write_suite({"methods": [{**herding, "params": {"embed_epochs": 2, "normalize": True}}]}))
+    assert changed.cells()[0].params["normalize"] is True and changed.cells()[0].cell_id != after.cell_id
+
+
+def test_mgdd_results_recorded_before_its_added_fields_keep_their_cell_ids(write_suite):
+    entry = {"name": "mgdd", "params": {"source": "fashion_mnist", "meta_steps": 200, "meta_lr": 0.001, "adapt": False}}
+    cell = load_suite(write_suite({"datasets": ["fashion_mnist"], "ipc": [10], "budget": {"steps": 200},
+                                   "methods": [entry]})).cells()[0]
+    assert "meta_label_per_class" not in cell.params and "generator_condition" not in cell.params
+    explicit = {**entry, "params": {**entry["params"], "meta_label_per_class": 0, "generator_condition": "none"}}
+    same = load_suite(write_suite({"datasets": ["fashion_mnist"], "ipc": [10], "budget": {"steps": 200},
+                                   "methods": [explicit]})).cells()[0]
+    assert same.cell_id == cell.cell_id
+    # The id this cell had in results recorded before the fields existed (fmnist_mgdd_indomain's
+    # first entry, 2026-11-22): those results are still found, not distilled again.
+    recorded = load_suite(write_suite({"datasets": ["fashion_mnist"], "ipc": [10], "methods": [entry],
+                                       "budget": {"steps": 200, "snapshot_every": 50}})).cells()[0]
+    assert recorded.cell_id == "67e0550125f77daf"
+
+
 def test_protocols_and_models_give_every_cell_its_evaluations(write_suite):
     suite = load_suite(write_suite({"protocol": None, "protocols": {"common": "dsa", "paper": {"preset": "auto", "runs": 3}},
                                     "models": ["ConvNet", "B"], "methods": ["random", "dm"]}))
