@@ -17,11 +17,12 @@ The support images X_s and the real batch are disjoint inside a task: a real ima
 a support point would be predicted almost exactly by the kernel regression and teach nothing.
 The label solve uses all of T, and L when ``label_per_class`` > 0. Why L: a task of 100 images
 per class has fewer images (1,000) than the feature net has features (1,152 for 28×28), so the
-ridge solve interpolates and the support's labels come out one-hot, whereas adaptation solves
-on the whole target train set (60,000 ≫ 1,152) and gets soft labels; L makes the task's solve
-overdetermined like adaptation's (CHOICE; 0 keeps the solve on T alone). The outer optimiser is Adam (CHOICE; the poster only says
-"update ω at rate β"); the inner one is the adaptation's optimiser at rate α, fresh per task, so
-meta-training rehearses exactly the adaptation it prepares for.
+ridge solve interpolates and the support's labels come out one-hot, whereas adaptation solves on
+the whole target train set (60,000 ≫ 1,152) and gets soft labels; L makes the task's solve
+overdetermined like adaptation's (CHOICE; 0 keeps the solve on T alone). The outer optimiser is
+Adam (CHOICE; the poster only says "update ω at rate β"); the inner one is the adaptation's
+optimiser at rate α, fresh per task, so meta-training rehearses exactly the adaptation it
+prepares for.
 
 Every draw comes from one CPU generator seeded from the build's seed; a checkpoint (every
 ``checkpoint_every`` steps, through ``dd_bench.checkpoint.save_atomic``) holds ω, the outer

@@ -59,7 +59,8 @@ class ResidualGenerator(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         # One bias per level, from the condition (none when unconditioned).
-        self.condition = nn.ModuleList(nn.Linear(condition_dim, w, bias=False) for w in widths) if condition_dim else None
+        self.condition = (nn.ModuleList(nn.Linear(condition_dim, w, bias=False) for w in widths)
+                          if condition_dim else None)
 
     def _bias(self, level: int, condition: Tensor | None) -> Tensor | float:
         if self.condition is None:
@@ -98,7 +99,8 @@ def make_generator_net(channels: int, width: int, levels: int, seed: int, condit
 def generate(generator: nn.Module, images: Tensor, labels: Tensor, chunk: int = 256) -> Tensor:
     """``generator(images, labels)`` without a graph, in chunks (deployment at large IPCs);
     ``labels`` (Y_s*) are used only by a conditioned generator."""
-    return torch.cat([generator(images[i : i + chunk], labels[i : i + chunk]) for i in range(0, images.shape[0], chunk)])
+    starts = range(0, images.shape[0], chunk)
+    return torch.cat([generator(images[i : i + chunk], labels[i : i + chunk]) for i in starts])
 
 
 # -- random feature nets ----------------------------------------------------------------------

@@ -151,7 +151,8 @@ def test_label_conditioned_mgdd_adapts_meta_trains_and_deploys(tmp_path, data):
     method.step(state, ctx)
     assert method.deploy(state, 3, ctx).images.shape == (30, 1, 28, 28)
     spec = method.artifact_spec(data)
-    assert spec["meta"]["generator_condition_dim"] == 10 and spec != create_method("mgdd", TINY_META).artifact_spec(data)
+    assert spec["meta"]["generator_condition_dim"] == 10
+    assert spec != create_method("mgdd", TINY_META).artifact_spec(data)
 
 
 def test_untrained_mgdd_starts_from_its_initialisation(data):
