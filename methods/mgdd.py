@@ -82,6 +82,9 @@ log = logging.getLogger(__name__)
 
 #: Bumped when the meta-trained artifact of the same spec would differ.
 META_VERSION = "1"
+#: Meta settings added after artifacts were built, at the value that builds what older specs
+#: built: left out of the artifact spec then, so those artifacts are still found.
+META_ADDED_SETTINGS = {"label_per_class": 0, "generator_condition_dim": 0}
 
 
 @dataclass
@@ -280,10 +283,9 @@ class MGDD(Method):
                   **{k: described[k] for k in ("zca", "zca_mode", "zca_reg")}}
         settings = asdict(cfg.meta_settings(data.num_classes))
         settings.pop("checkpoint_every")
-        if not settings["label_per_class"]:
-            settings.pop("label_per_class")  # 0 builds what older specs built: keep their artifacts
-        if not settings["generator_condition_dim"]:
-            settings.pop("generator_condition_dim")  # likewise
+        for name, neutral in META_ADDED_SETTINGS.items():
+            if settings[name] == neutral:
+                settings.pop(name)
         return {"artifact": "mgdd-meta-generator", "version": META_VERSION, "source": source,
                 "target_space": target_space(data), "meta": settings}
 
@@ -399,10 +401,17 @@ class MGDD(Method):
                 return self.result(state)
             raise ConfigError(f"deploy_ipc: mode 'pixels' optimises one set of IPC {state.ipc}; it cannot deploy "
                               f"at IPC {ipc}")
+        initial = self.deploy_initialisation(state, ipc)
+        return SyntheticSet(self._produce(state, initial.images, initial.labels), initial.labels,
+                            meta={"mgdd_ipc": state.ipc})
+
+    def deploy_initialisation(self, state: MGDDState, ipc: int) -> SyntheticSet:
+        """What ``deploy`` at ``ipc`` starts from: a random real set with its analytical labels,
+        drawn from a stream derived from the method's seed and ``ipc`` (so the order of
+        deployments does not matter); the generator not applied (the "labels only" point)."""
         stream = make_generator(derive_seed(state.seed, "deploy", ipc))
         initial = self._initialisation(state.data, ipc, stream, state.device)
-        labels = self._labels(state.data, state.label_net, state.weights, initial)
-        return SyntheticSet(self._produce(state, initial, labels), labels, meta={"mgdd_ipc": state.ipc})
+        return SyntheticSet(initial, self._labels(state.data, state.label_net, state.weights, initial))
 
     def _produce(self, state: MGDDState, initial: Tensor, labels: Tensor) -> Tensor:
         if self.config.mode == "pixels":

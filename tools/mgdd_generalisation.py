@@ -25,31 +25,21 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from typing import Any
 
-import torch
+import yaml
 
 from dd_bench.data import load_dataset
 from dd_bench.eval.evaluate import evaluate
 from dd_bench.eval.protocol import AUTO, ProtocolSpec, preset, resolve
 from dd_bench.method import RunContext, SyntheticSet, create_method
-from dd_bench.seeding import derive_seed, make_generator, seed_everything
+from dd_bench.seeding import derive_seed, seed_everything
 
 log = logging.getLogger("mgdd_generalisation")
 
 
-def _value(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--param", action="append", default=[], help="an MGDD config field, KEY=VALUE")
+    parser.add_argument("--param", action="append", default=[], help="an MGDD config field, KEY=VALUE (VALUE as in a suite's YAML)")
     parser.add_argument("--runs", type=int, default=2, help="networks per set")
     parser.add_argument("--steps", type=int, default=200, help="adaptation steps")
     parser.add_argument("--dataset", default="fashion_mnist")
@@ -58,7 +48,7 @@ def main() -> None:
     parser.add_argument("--only-deploy", action="store_true", help="score only the --deploy-ipc sets")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = {"meta_train": False, **{k: _value(v) for k, v in (p.split("=", 1) for p in args.param)}}
+    params = {"meta_train": False, **{k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.param)}}
     data = load_dataset(args.dataset)
     method = create_method("mgdd", params)
     seed_everything(0)
@@ -71,28 +61,18 @@ def main() -> None:
     log.info("params %s: adapted %d steps in %.0f s", params, args.steps, time.perf_counter() - started)
     sets = {}
     if not args.only_deploy:
-        fresh, deployed = _fresh_and_deployed(method, state, data, args.ipc, ctx)
         sets.update({"pool0 identity": pool0, "pool0 generated": method.result(state),
-                     "fresh identity": fresh, "fresh generated": deployed})
+                     "fresh identity": method.deploy_initialisation(state, args.ipc),
+                     "fresh generated": method.deploy(state, args.ipc, ctx)})
     for ipc in args.deploy_ipc:
-        fresh, deployed = _fresh_and_deployed(method, state, data, ipc, ctx)
-        sets.update({f"ipc {ipc} identity": fresh, f"ipc {ipc} generated": deployed})
+        sets.update({f"ipc {ipc} identity": method.deploy_initialisation(state, ipc),
+                     f"ipc {ipc} generated": method.deploy(state, ipc, ctx)})
     paper = ProtocolSpec("paper", AUTO).protocol_for(type(method).paper_protocol)
     for name, syn in sets.items():
         protocol = resolve(preset("dsa", epochs=300, runs=args.runs, soft_label_loss="soft_ce"), paper=paper,
                            model="ConvNet", dataset=data, set_size=len(syn))
         result = evaluate(syn, data, protocol, seed=derive_seed(0, "final"))
         log.info("%-16s %.2f  %s", name, result.mean, [round(a, 2) for a in result.accuracies])
-
-
-def _fresh_and_deployed(method, state, data, ipc: int, ctx: RunContext) -> tuple[SyntheticSet, SyntheticSet]:
-    """The initialisation ``deploy`` draws at ``ipc`` with its labels (no generator), and ``deploy``'s set."""
-    stream = make_generator(derive_seed(state.seed, "deploy", ipc))
-    initial = method._initialisation(data, ipc, stream, state.device)
-    labels = method._labels(data, state.label_net, state.weights, initial)
-    deployed = method.deploy(state, ipc, ctx)
-    assert torch.equal(deployed.labels, labels)
-    return SyntheticSet(initial, labels), deployed
 
 
 if __name__ == "__main__":

@@ -221,6 +221,10 @@ def test_deploy_gives_the_requested_ipc_without_adapting(data):
     assert all(torch.equal(a, b) for a, b in zip(weights, state.generator.parameters()))
     # a deployment depends on its IPC, not on what was deployed before
     assert torch.equal(method.deploy(state, 1, ctx).images, method.deploy(state, 1, ctx).images)
+    # it is the generator applied to deploy_initialisation's set, with that set's labels
+    start, deployed = method.deploy_initialisation(state, 5), method.deploy(state, 5, ctx)
+    assert torch.equal(deployed.labels, start.labels)
+    torch.testing.assert_close(deployed.images, generate(state.generator, start.images, start.labels))
     with pytest.raises(ConfigError, match="pixels"):
         pixels, pstate, _ = _adapt(data, ipc=2, steps=0, mode="pixels")
         pixels.deploy(pstate, 5, ctx)
