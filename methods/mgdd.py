@@ -401,7 +401,13 @@ class MGDD(Method):
                 return self.result(state)
             raise ConfigError(f"deploy_ipc: mode 'pixels' optimises one set of IPC {state.ipc}; it cannot deploy "
                               f"at IPC {ipc}")
-        initial = self.deploy_initialisation(state, ipc)
+        return self.produce(state, self.deploy_initialisation(state, ipc))
+
+    def produce(self, state: MGDDState, initial: SyntheticSet) -> SyntheticSet:
+        """The generator (as adapted so far) applied to ``initial``, labels kept: one forward
+        pass, no adaptation (``labels_only``: ``initial`` unchanged)."""
+        if self.config.mode == "pixels":
+            raise ConfigError("mode: 'pixels' optimises one set's pixels; it has no generator to apply")
         return SyntheticSet(self._produce(state, initial.images, initial.labels), initial.labels,
                             meta={"mgdd_ipc": state.ipc})
 
@@ -409,7 +415,12 @@ class MGDD(Method):
         """What ``deploy`` at ``ipc`` starts from: a random real set with its analytical labels,
         drawn from a stream derived from the method's seed and ``ipc`` (so the order of
         deployments does not matter); the generator not applied (the "labels only" point)."""
-        stream = make_generator(derive_seed(state.seed, "deploy", ipc))
+        return self.initialisation(state, ipc, make_generator(derive_seed(state.seed, "deploy", ipc)))
+
+    def initialisation(self, state: MGDDState, ipc: int, stream: torch.Generator) -> SyntheticSet:
+        """A random real set of ``ipc`` images per class drawn from ``stream`` (class-sorted),
+        with the cell's labels for it (Eq. 3 through the cell's f_θ, or one-hot): a set the
+        generator may never have seen, e.g. to ask whether adaptation generalises."""
         initial = self._initialisation(state.data, ipc, stream, state.device)
         return SyntheticSet(initial, self._labels(state.data, state.label_net, state.weights, initial))
 

@@ -160,7 +160,13 @@ def krr_loss(net: nn.Module, real: Tensor, real_targets: Tensor, synthetic: Tens
     real batch's one-hot labels; the squared error is summed over classes and averaged over
     real images. Differentiable w.r.t. ``synthetic`` only (the real features carry no graph).
     """
-    real_features = embed_in_chunks(net, real)
+    return krr_loss_given_real(net, embed_in_chunks(net, real), real_targets, synthetic, synthetic_targets, reg)
+
+
+def krr_loss_given_real(net: nn.Module, real_features: Tensor, real_targets: Tensor, synthetic: Tensor,
+                        synthetic_targets: Tensor, reg: float) -> Tensor:
+    """:func:`krr_loss` with the real batch's features in ``net`` already computed (a probe that
+    scores many sets against one fixed real batch embeds it once)."""
     synthetic_features = net.embed(standard_layout(synthetic))
     predicted = linear_krr_predict(real_features, synthetic_features, synthetic_targets, reg=reg)
     return (predicted - real_targets).pow(2).sum(dim=1).mean()

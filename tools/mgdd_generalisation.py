@@ -11,12 +11,19 @@ from the cell's: the same settings, another random draw of the initialisations. 
 - ``fresh identity``: a fresh initialisation, as ``deploy`` draws one, with its labels;
 - ``fresh generated``: the generator's output on it (``deploy`` at the adaptation IPC).
 
+``--loss-every N`` also logs, every N adaptation steps, Eq. 1 in fixed held-out terms (the mean over
+4 random nets drawn once, against one real batch of 100 images per class drawn once; both
+apart from the cell's stream) on the pool's first initialisation and on 8 fresh initialisations
+(mean), each as it starts and as the generator makes it: whether what adaptation learns
+lowers the loss of sets it never saw, without training a network (``--no-accuracy`` skips the
+scoring below).
+
 ``--deploy-ipc 1 50`` also scores, at each of those IPCs, ``deploy``'s fresh initialisation with
 its labels (``ipc K identity``) against ``deploy``'s set (``ipc K generated``): what the generator
 adds at IPCs it was not adapted at; ``--only-deploy`` skips the four sets above.
 
 usage: python tools/mgdd_generalisation.py [--param pool_size=64 ...] [--runs 2] [--steps 200]
-       [--deploy-ipc 1 50 [--only-deploy]]
+       [--deploy-ipc 1 50 [--only-deploy]] [--loss-every 100 [--no-accuracy]]
 Takes about 10 minutes on 2 CPU cores (one heavy job at a time), more with IPC 50.
 """
 
@@ -26,15 +33,52 @@ import argparse
 import logging
 import time
 
+import torch
 import yaml
 
 from dd_bench.data import load_dataset
 from dd_bench.eval.evaluate import evaluate
 from dd_bench.eval.protocol import AUTO, ProtocolSpec, preset, resolve
 from dd_bench.method import RunContext, SyntheticSet, create_method
-from dd_bench.seeding import derive_seed, seed_everything
+from dd_bench.methods.mgdd_parts import embed_in_chunks, krr_loss_given_real, one_hot, random_feature_net
+from dd_bench.seeding import derive_seed, make_generator, seed_everything
 
 log = logging.getLogger("mgdd_generalisation")
+
+#: The loss probe's own stream (its real batch, then its fresh sets) and its nets' seeds.
+PROBE_SEED = 12345
+PROBE_NET_SEEDS = tuple(999 + i for i in range(4))
+PROBE_SETS = 8
+PROBE_REAL_PER_CLASS = 100
+
+
+class LossProbe:
+    """Eq. 1 in fixed held-out terms, so values at different steps compare: fixed nets, one
+    fixed real batch (embedded once per net), fixed fresh initialisations."""
+
+    def __init__(self, method, state, data, ipc: int):
+        cfg, k = method.config, data.num_classes
+        stream = make_generator(PROBE_SEED)
+        real = torch.cat([data.sample_real(c, PROBE_REAL_PER_CLASS, generator=stream) for c in range(k)])
+        self.targets = one_hot(torch.arange(k).repeat_interleave(PROBE_REAL_PER_CLASS), k).to(state.device)
+        self.fresh = [method.initialisation(state, ipc, stream) for _ in range(PROBE_SETS)]
+        self.nets = [random_feature_net(cfg.feature_model, data.channels, data.image_size, seed, state.device)
+                     for seed in PROBE_NET_SEEDS]
+        self.real_features = [embed_in_chunks(net, real.to(state.device)) for net in self.nets]
+        self.reg = cfg.loss_reg
+
+    @torch.no_grad()
+    def loss(self, syn: SyntheticSet) -> float:
+        return sum(float(krr_loss_given_real(net, real, self.targets, syn.images, syn.labels, self.reg))
+                   for net, real in zip(self.nets, self.real_features)) / len(self.nets)
+
+    def log(self, method, state, pool0: SyntheticSet, step: int, seconds: float) -> None:
+        start, made = self.loss(pool0), self.loss(method.produce(state, pool0))
+        fresh_start = sum(self.loss(s) for s in self.fresh) / len(self.fresh)
+        fresh_made = sum(self.loss(method.produce(state, s)) for s in self.fresh) / len(self.fresh)
+        log.info("step %5d  Eq. 1 pool0 %.4f -> %.4f (%+.1f%%)  fresh %d %.4f -> %.4f (%+.1f%%)  %.0f s", step, start,
+                 made, 100 * (made / start - 1), len(self.fresh), fresh_start, fresh_made,
+                 100 * (fresh_made / fresh_start - 1), seconds)
 
 
 def main() -> None:
@@ -46,6 +90,9 @@ def main() -> None:
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--deploy-ipc", type=int, nargs="*", default=[], help="IPCs to deploy at as well")
     parser.add_argument("--only-deploy", action="store_true", help="score only the --deploy-ipc sets")
+    parser.add_argument("--loss-every", type=int, default=0,
+                        help="log Eq. 1 on the pool's first set and on fresh sets every N steps (0: never)")
+    parser.add_argument("--no-accuracy", action="store_true", help="score no set (with --loss-every: the loss only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = {"meta_train": False, **{k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.param)}}
@@ -56,9 +103,16 @@ def main() -> None:
     started = time.perf_counter()
     state = method.init(data, args.ipc, ctx)
     pool0 = SyntheticSet(state.pool_images[0].clone(), state.pool_labels[0].clone())
-    for _ in range(args.steps):
+    probe = LossProbe(method, state, data, args.ipc) if args.loss_every > 0 else None
+    if probe:
+        probe.log(method, state, pool0, 0, 0.0)
+    for step in range(1, args.steps + 1):
         method.step(state, ctx)
+        if probe and step % args.loss_every == 0:
+            probe.log(method, state, pool0, step, time.perf_counter() - started)
     log.info("params %s: adapted %d steps in %.0f s", params, args.steps, time.perf_counter() - started)
+    if args.no_accuracy:
+        return
     sets = {}
     if not args.only_deploy:
         sets.update({"pool0 identity": pool0, "pool0 generated": method.result(state),

@@ -16,11 +16,11 @@ from dd_bench.errors import ConfigError
 from dd_bench.eval.evaluate import evaluate
 from dd_bench.eval.protocol import EvalProtocol
 from dd_bench.method import METHODS, RunContext, SyntheticSet, create_method
-from dd_bench.seeding import seed_everything
+from dd_bench.seeding import make_generator, seed_everything
 from dd_bench.methods import mgdd_meta
 from dd_bench.methods.mgdd import MGDD, MGDDConfig
 from dd_bench.methods.mgdd_parts import (ResidualGenerator, adapt_images, embed_in_chunks, generate, krr_loss,
-                                         label_weights, one_hot, random_feature_net)
+                                         krr_loss_given_real, label_weights, one_hot, random_feature_net)
 
 SMALL = {"feature_model": "ConvNetW32", "generator_width": 8, "generator_levels": 1, "real_per_class": 8,
          "pool_size": 2}
@@ -189,6 +189,11 @@ def test_eq1_falls_over_adaptation_steps(data):
         method.step(state, ctx)
     after = objective()
     assert after < 0.9 * before, (before, after)
+    # the probe form (real features computed once) is the same loss
+    syn = method.result(state)
+    torch.testing.assert_close(krr_loss(nets[0], real, targets, syn.images, syn.labels, 1e-6),
+                               krr_loss_given_real(nets[0], embed_in_chunks(nets[0], real), targets, syn.images,
+                                                   syn.labels, 1e-6))
 
 
 def test_pixels_mode_lowers_eq1_and_labels_only_changes_nothing(data):
@@ -228,6 +233,19 @@ def test_deploy_gives_the_requested_ipc_without_adapting(data):
     with pytest.raises(ConfigError, match="pixels"):
         pixels, pstate, _ = _adapt(data, ipc=2, steps=0, mode="pixels")
         pixels.deploy(pstate, 5, ctx)
+
+
+def test_initialisation_and_produce_serve_sets_outside_the_pool(data):
+    method, state, _ = _adapt(data, ipc=2, steps=2)
+    first, again = (method.initialisation(state, 3, make_generator(7)) for _ in range(2))
+    assert first.images.shape == (30, 1, 28, 28) and first.labels.shape == (30, 10)
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)  # a function of the stream
+    made = method.produce(state, first)
+    assert torch.equal(made.labels, first.labels)
+    torch.testing.assert_close(made.images, generate(state.generator, first.images, first.labels))
+    plain, plain_state, _ = _adapt(data, ipc=2, steps=0, mode="labels_only")
+    start = plain.initialisation(plain_state, 3, make_generator(7))
+    assert torch.equal(plain.produce(plain_state, start).images, start.images)
 
 
 # -- determinism ---------------------------------------------------------------------------
