@@ -209,10 +209,13 @@ class MGDDConfig:
             raise ConfigError(f"meta_task_per_class: invalid value {self.meta_task_per_class!r} (a task needs "
                               f"max(meta_ipc) + real_per_class = {max(self.meta_ipc) + self.real_per_class} per class)")
 
+    def condition_dim(self, num_classes: int) -> int:
+        """Length of the generator's condition for a target of ``num_classes`` classes (0: none)."""
+        return num_classes if self.generator_condition == "labels" else 0
+
     def meta_settings(self, num_classes: int) -> MetaSettings:
         """The meta-training settings for a target of ``num_classes`` classes (the length of a
         conditioned generator's label input)."""
-        condition_dim = num_classes if self.generator_condition == "labels" else 0
         return MetaSettings(
             steps=self.meta_steps, inner_steps=self.meta_inner_steps, inner_lr=self.adapt_lr,
             inner_optimizer=self.adapt_optimizer, outer_lr=self.meta_lr, classes_per_task=self.meta_classes_per_task,
@@ -220,7 +223,7 @@ class MGDDConfig:
             label_per_class=self.meta_label_per_class, ipc_choices=self.meta_ipc, real_per_class=self.real_per_class,
             feature_model=self.feature_model, label_reg=self.label_reg, loss_reg=self.loss_reg,
             generator_width=self.generator_width, generator_levels=self.generator_levels,
-            generator_condition_dim=condition_dim,
+            generator_condition_dim=self.condition_dim(num_classes),
             checkpoint_every=self.meta_checkpoint_every)
 
 
@@ -357,9 +360,8 @@ class MGDD(Method):
 
     def _start_generator(self, data, seed: int) -> nn.Module:
         cfg: MGDDConfig = self.config
-        condition_dim = data.num_classes if cfg.generator_condition == "labels" else 0
         generator = make_generator_net(data.channels, cfg.generator_width, cfg.generator_levels,
-                                       derive_seed(seed, "generator"), condition_dim)
+                                       derive_seed(seed, "generator"), cfg.condition_dim(data.num_classes))
         if cfg.meta_train:
             if self._meta_generator is None:
                 raise ConfigError("meta_train: true needs the meta-trained generator: build and load the artifact "

@@ -72,7 +72,7 @@ class LossProbe:
         return sum(float(krr_loss_given_real(net, real, self.targets, syn.images, syn.labels, self.reg))
                    for net, real in zip(self.nets, self.real_features)) / len(self.nets)
 
-    def log(self, method, state, pool0: SyntheticSet, step: int, seconds: float) -> None:
+    def report(self, method, state, pool0: SyntheticSet, step: int, seconds: float) -> None:
         start, made = self.loss(pool0), self.loss(method.produce(state, pool0))
         fresh_start = sum(self.loss(s) for s in self.fresh) / len(self.fresh)
         fresh_made = sum(self.loss(method.produce(state, s)) for s in self.fresh) / len(self.fresh)
@@ -105,11 +105,11 @@ def main() -> None:
     pool0 = SyntheticSet(state.pool_images[0].clone(), state.pool_labels[0].clone())
     probe = LossProbe(method, state, data, args.ipc) if args.loss_every > 0 else None
     if probe:
-        probe.log(method, state, pool0, 0, 0.0)
+        probe.report(method, state, pool0, 0, 0.0)
     for step in range(1, args.steps + 1):
         method.step(state, ctx)
         if probe and step % args.loss_every == 0:
-            probe.log(method, state, pool0, step, time.perf_counter() - started)
+            probe.report(method, state, pool0, step, time.perf_counter() - started)
     log.info("params %s: adapted %d steps in %.0f s", params, args.steps, time.perf_counter() - started)
     if args.no_accuracy:
         return
