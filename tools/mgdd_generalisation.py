@@ -22,8 +22,13 @@ scoring below).
 its labels (``ipc K identity``) against ``deploy``'s set (``ipc K generated``): what the generator
 adds at IPCs it was not adapted at; ``--only-deploy`` skips the four sets above.
 
+``--param meta_train=true --artifacts DIR`` starts from a meta-trained generator instead: built
+in DIR, or found there when a suite run with the same meta settings built it (a results
+directory's ``_artifacts``); the loss probe's step-0 line is then what meta-training alone
+transfers to the target.
+
 usage: python tools/mgdd_generalisation.py [--param pool_size=64 ...] [--runs 2] [--steps 200]
-       [--deploy-ipc 1 50 [--only-deploy]] [--loss-every 100 [--no-accuracy]]
+       [--deploy-ipc 1 50 [--only-deploy]] [--loss-every 100 [--no-accuracy]] [--artifacts DIR]
 Takes about 10 minutes on 2 CPU cores (one heavy job at a time), more with IPC 50.
 """
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -40,6 +46,7 @@ from dd_bench.data import load_dataset
 from dd_bench.eval.evaluate import evaluate
 from dd_bench.eval.protocol import AUTO, ProtocolSpec, preset, resolve
 from dd_bench.method import RunContext, SyntheticSet, create_method
+from dd_bench.run.artifacts import prepare_method
 from dd_bench.methods.mgdd_parts import embed_in_chunks, krr_loss_given_real, one_hot, random_feature_net
 from dd_bench.seeding import derive_seed, make_generator, seed_everything
 
@@ -93,11 +100,18 @@ def main() -> None:
     parser.add_argument("--loss-every", type=int, default=0,
                         help="log Eq. 1 on the pool's first set and on fresh sets every N steps (0: never)")
     parser.add_argument("--no-accuracy", action="store_true", help="score no set (with --loss-every: the loss only)")
+    parser.add_argument("--artifacts", type=Path, default=None,
+                        help="where the meta-trained generator is built or found (with --param meta_train=true)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = {"meta_train": False, **{k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.param)}}
     data = load_dataset(args.dataset)
     method = create_method("mgdd", params)
+    if args.artifacts is not None:
+        prepared = prepare_method(method, data, args.artifacts, RunContext(seed=0), load_dataset)
+        if prepared.key is not None:
+            log.info("meta-trained generator %s (%s, built in %.0f s)", prepared.key,
+                     "found" if prepared.cached else "built", prepared.build_seconds)
     seed_everything(0)
     ctx = RunContext(seed=0)
     started = time.perf_counter()
