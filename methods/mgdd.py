@@ -175,7 +175,9 @@ class MGDDConfig:
     meta_label_per_class: int = 0
     """Further source images per class in a task that only the task's label solve uses. 0: the
     solve uses the task's images alone; with 100 per class that is fewer images than features,
-    so the support's labels come out one-hot where adaptation's are soft (see ``mgdd_meta``)."""
+    so the support's labels come out one-hot where adaptation's are soft (see ``mgdd_meta``).
+    The mismatch is measured: a generator meta-trained 2,000 steps with 0 lowers Eq. 1 on
+    one-hot-labelled Fashion-MNIST sets and raises it on soft-labelled ones (README)."""
 
     meta_ipc: tuple[int, ...] = (1, 10)
     """IPCs a task's initialisation is drawn with (one chosen per loss evaluation)."""
