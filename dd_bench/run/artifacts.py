@@ -127,9 +127,10 @@ def _build(method: Method, data: Any, spec: dict, key: str, directory: Path, ctx
     name = method.registry_name or type(method).__name__
     resuming = directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "spec.json").write_text(json.dumps(spec, sort_keys=True, indent=1, default=str))
     info = read_build_info(directory) or {"key": key, "method": name, "spec": spec, "attempts": []}
+    # Before anything is written here: a killed attempt's time ends at the newest file it left.
     _account_killed_attempts(info, directory)
+    (directory / "spec.json").write_text(json.dumps(spec, sort_keys=True, indent=1, default=str))
     attempt = {"started_at": _now(), "device": describe_device(ctx.device), "status": "building", "seconds": 0.0,
                "resumed": resuming, "versions": environment()["versions"],
                "git_commit": environment()["git_commit"]}

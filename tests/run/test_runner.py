@@ -10,7 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -321,11 +323,16 @@ def test_a_killed_build_resumes_from_its_checkpoint(write_suite, tmp_path):
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     folder = next((tmp_path / "killed" / "_artifacts").glob("????????????????"))
     assert not (folder / ".complete").exists() and (folder / "chunks.log").read_text().split() == ["0", "1", "2"]
+    last_write = max(p.stat().st_mtime for p in folder.iterdir() if p.name != "build.json")
+    time.sleep(1.0)  # the pause before a resume is not build time
     resumed = prepare(tmp_path / "killed", kill_after=None)
     assert resumed.returncode == 0, resumed.stderr
     assert (folder / "chunks.log").read_text().split() == ["0", "1", "2", "3", "4", "5"]  # 0-2 not recomputed
     build = json.loads((folder / "build.json").read_text())
     assert [a["status"] for a in build["attempts"]] == ["killed", "complete"] and build["attempts"][1]["resumed"]
+    killed_started = datetime.fromisoformat(build["attempts"][0]["started_at"]).timestamp()
+    # started_at is stored to the second: the killed attempt's time is its last write minus that.
+    assert build["attempts"][0]["seconds"] == pytest.approx(last_write - killed_started, abs=1e-3)
     fresh = prepare(tmp_path / "fresh", kill_after=None)
     assert fresh.returncode == 0, fresh.stderr
     uninterrupted = next((tmp_path / "fresh" / "_artifacts").glob("????????????????")) / "artifact.pt"
